@@ -1,0 +1,85 @@
+//! One error type for the whole crate, and the exit code each kind of error maps to.
+//!
+//! Messages are written to read well after "error: " and to name the file, the key or the value
+//! that is wrong, plus what to do about it where that is not obvious.
+
+use std::path::{Path, PathBuf};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Documented process exit codes (see README, "Exit codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Everything ran and every check passed.
+    Success = 0,
+    /// Everything ran, and at least one check failed.
+    CheckFailed = 1,
+    /// The user's input is wrong: a bad suite, flag, LoRA file or prompt.
+    Usage = 2,
+    /// The environment is wrong: a missing or broken model, out of memory, an I/O failure.
+    Infrastructure = 3,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+
+    /// A file that should hold tensors (safetensors) is corrupt, truncated or not safetensors.
+    #[error("{}: not a readable safetensors file: {reason}", path.display())]
+    TensorFile { path: PathBuf, reason: String },
+
+    /// A LoRA file that cannot be applied as asked (bad keys, shapes, values, format).
+    #[error("{}: {message}", path.display())]
+    Lora { path: PathBuf, message: String },
+
+    /// A model folder or checkpoint that is missing parts or does not fit its config.
+    #[error("model {}: {message}", path.display())]
+    Model { path: PathBuf, message: String },
+
+    /// A value the user gave (flag, prompt, size, suite value) is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A tensor operation failed: a bug or an environment problem (out of memory, device).
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io { path: path.as_ref().to_path_buf(), source }
+    }
+    pub fn lora(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Lora { path: path.as_ref().to_path_buf(), message: message.into() }
+    }
+    pub fn model(path: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Model { path: path.as_ref().to_path_buf(), message: message.into() }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid(message.into())
+    }
+
+    /// Which documented exit code this error ends the process with.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Lora { .. } | Error::Invalid(_) => ExitCode::Usage,
+            // A LoRA or dataset the user named is "input"; a model folder is infrastructure.
+            Error::TensorFile { .. } | Error::Io { .. } | Error::Model { .. } | Error::Tensor(_) => {
+                ExitCode::Infrastructure
+            }
+        }
+    }
+}
+
+/// Attach a path to an `std::io::Error`.
+pub trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|e| Error::io(path, e))
+    }
+}

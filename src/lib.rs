@@ -1,0 +1,8 @@
+//! loragate tests LoRA checkpoints for Stable Diffusion like build artifacts.
+
+pub mod error;
+pub mod fsutil;
+pub mod model;
+pub mod tensors;
+
+pub use error::{Error, ExitCode, Result};

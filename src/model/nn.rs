@@ -1,0 +1,258 @@
+//! Layers shared by every model component, written so that gradients flow through all of them.
+//!
+//! candle-nn's fused `softmax_last_dim` and `layer_norm` have no backward pass: a LoRA on `to_q`
+//! or `to_k` would silently get no gradient through them. Here each op picks the fused kernel only
+//! when nothing needs a gradient (`!x.track_op()`), and the composite, differentiable form
+//! otherwise. Batched matmuls always get a contiguous left operand (candle issue #3744: on the
+//! CPU a transposed left view gives wrong results after the first batch item).
+
+use std::sync::Arc;
+
+use candle_core::{D, Module, Tensor};
+
+use crate::error::Result;
+use crate::model::adapters::{AdaptableLayer, LayerKind};
+use crate::model::params::{Init, Params};
+
+/// `a @ b` with `a` made contiguous first (see the module docs).
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let a = if a.is_contiguous() { a.clone() } else { a.contiguous()? };
+    Ok(a.matmul(b)?)
+}
+
+/// A linear layer whose weight can carry LoRA patches.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    layer: Arc<AdaptableLayer>,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(p: &Params, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = p.get("weight", &[out_features, in_features], Init::FanIn(in_features))?;
+        let bias = if bias { Some(p.get("bias", &[out_features], Init::Zeros)?) } else { None };
+        let layer = AdaptableLayer::new(
+            p.prefix().to_string(),
+            LayerKind::Linear { in_features, out_features },
+            weight,
+        );
+        p.register(layer.clone());
+        Ok(Linear { layer, bias })
+    }
+
+    pub fn layer(&self) -> &Arc<AdaptableLayer> {
+        &self.layer
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.layer.effective_weight();
+        let dims = x.dims().to_vec();
+        let in_f = *dims.last().expect("linear input has at least one dim");
+        let rows = x.elem_count() / in_f;
+        let x2 = x.reshape((rows, in_f))?;
+        let mut y = matmul(&x2, &w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        for a in self.layer.live_adapters() {
+            let h = matmul(&x2, &a.down.as_tensor().t()?)?;
+            let d = matmul(&h, &a.up.as_tensor().t()?)?;
+            y = (y + (d * a.scale)?)?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// A 2-D convolution (square kernel, symmetric padding) whose weight can carry LoRA patches.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    layer: Arc<AdaptableLayer>,
+    bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        p: &Params,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let fan_in = in_channels * kernel * kernel;
+        let weight = p.get("weight", &[out_channels, in_channels, kernel, kernel], Init::FanIn(fan_in))?;
+        let bias = if bias { Some(p.get("bias", &[out_channels], Init::Zeros)?) } else { None };
+        let layer = AdaptableLayer::new(
+            p.prefix().to_string(),
+            LayerKind::Conv2d { in_channels, out_channels, kernel },
+            weight,
+        );
+        p.register(layer.clone());
+        Ok(Conv2d { layer, bias, stride, padding })
+    }
+
+    pub fn layer(&self) -> &Arc<AdaptableLayer> {
+        &self.layer
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.layer.effective_weight();
+        let mut y = conv2d(x, &w, self.padding, self.stride)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+        }
+        for a in self.layer.live_adapters() {
+            let h = conv2d(x, a.down.as_tensor(), self.padding, self.stride)?;
+            let d = conv2d(&h, a.up.as_tensor(), 0, 1)?;
+            y = (y + (d * a.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// Convolution entry point, one place to swap kernels.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    crate::model::conv::conv2d(x, w, padding, stride)
+}
+
+/// Group normalisation over `[B, C, ...]`.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(p: &Params, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        Ok(GroupNorm {
+            weight: p.get("weight", &[channels], Init::Ones)?,
+            bias: p.get("bias", &[channels], Init::Zeros)?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let xg = x.reshape((b, self.groups, ()))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let centered = xg.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = c;
+        Ok(normed.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?.broadcast_add(&self.bias.reshape(shape.as_slice())?)?)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(p: &Params, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: p.get("weight", &[dim], Init::Ones)?,
+            bias: p.get("bias", &[dim], Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !x.track_op() {
+            let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+            return Ok(candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dimension; fused when no gradient is needed.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        return Ok(candle_nn::ops::softmax_last_dim(&x)?);
+    }
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// The activations found in SD configs (`act_fn`, `hidden_act`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// Exact (erf) GELU, as PyTorch's default `F.gelu`.
+    Gelu,
+    /// tanh-approximated GELU (`gelu_pytorch_tanh`, `gelu_new`).
+    GeluTanh,
+    /// `x * sigmoid(1.702 x)`, OpenAI CLIP's.
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "silu" | "swish" => Activation::Silu,
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "quick_gelu" => Activation::QuickGelu,
+            _ => return None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Silu => x.silu()?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::QuickGelu => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        })
+    }
+}
+
+/// Scaled dot-product attention over `[B, heads, N, d]` tensors.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    let d = q.dim(D::Minus1)? as f64;
+    let q = (q * (1.0 / d.sqrt()))?;
+    let mut scores = matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let probs = softmax_last(&scores)?;
+    matmul(&probs, v)
+}
+
+/// An `nn.Embedding` table.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    table: Tensor,
+}
+
+impl Embedding {
+    pub fn load(p: &Params, count: usize, dim: usize) -> Result<Self> {
+        Ok(Embedding { table: p.get("weight", &[count, dim], Init::Normal(0.02))? })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::Embedding::new(self.table.clone(), self.table.dim(1)?).forward(ids)?)
+    }
+
+    pub fn table(&self) -> &Tensor {
+        &self.table
+    }
+}

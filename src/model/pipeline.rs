@@ -1,0 +1,405 @@
+//! A loaded text-to-image pipeline: tokenizer(s), text encoder(s), UNet, VAE and noise schedule,
+//! and the generation loop (classifier-free guidance, any sampler, batches of prompts).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::Family;
+use crate::model::adapters::AdapterTargets;
+use crate::model::loading::{load_component_tensors, read_config};
+use crate::model::noise::initial_latents;
+use crate::model::params::{Params, WeightStore};
+use crate::model::resolve::ModelLocation;
+use crate::model::scheduler::{NoiseSchedule, SamplerKind, ScheduleConfig};
+use crate::model::text_encoder::{LayerChoice, TextConfig, TextEncoder};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::unet::{AddedConditioning, UNet, UNetConfig};
+use crate::model::vae::{Vae, VaeConfig, normalize_vae_keys};
+
+/// How to generate, apart from the prompts and seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub steps: usize,
+    pub guidance: f64,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: SamplerKind,
+    pub negative_prompt: String,
+    /// 1 = the last text-encoder layer (SD 1.x/2.x default), 2 = the penultimate, ...
+    pub clip_skip: usize,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        GenerationParams {
+            steps: 20,
+            guidance: 5.0,
+            width: 128,
+            height: 128,
+            sampler: SamplerKind::Ddim,
+            negative_prompt: String::new(),
+            clip_skip: 1,
+        }
+    }
+}
+
+/// Text conditioning for a batch.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+/// A warning about a prompt (too long for the text encoder, characters it has no token for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptWarning {
+    pub prompt: String,
+    pub message: String,
+}
+
+struct SecondEncoder {
+    tokenizer: Tokenizer,
+    encoder: TextEncoder,
+}
+
+pub struct Pipeline {
+    pub location: ModelLocation,
+    pub family: Family,
+    pub tokenizer: Tokenizer,
+    pub text_encoder: TextEncoder,
+    second: Option<SecondEncoder>,
+    pub unet: UNet,
+    pub vae: Vae,
+    pub schedule: NoiseSchedule,
+    targets: AdapterTargets,
+    pub device: Device,
+    pub dtype: DType,
+    /// Largest number of images denoised in one UNet batch (each counts twice with guidance).
+    pub max_batch: usize,
+    force_zeros_for_empty_prompt: bool,
+    warnings: RefCell<Vec<PromptWarning>>,
+}
+
+/// Loads one component with its own LoRA-target registry.
+fn build<T>(
+    store: &WeightStore,
+    f: impl FnOnce(&Params) -> Result<T>,
+) -> Result<(T, AdapterTargets)> {
+    let targets = RefCell::new(AdapterTargets::default());
+    let p = Params::root(store, &targets);
+    let value = f(&p)?;
+    Ok((value, targets.into_inner()))
+}
+
+/// Adds the `text_model.` prefix that newer transformers versions drop, and drops buffers.
+pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
+    let keys: Vec<String> = tensors.keys().cloned().collect();
+    for k in keys {
+        if k.ends_with("position_ids") {
+            tensors.remove(&k);
+        } else if !k.starts_with("text_model.") && k != "text_projection.weight" && k != "logit_scale" {
+            if let Some(t) = tensors.remove(&k) {
+                tensors.insert(format!("text_model.{k}"), t);
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// Loads a diffusers pipeline folder (see [`ModelLocation`]).
+    pub fn load(location: &ModelLocation, dtype: DType, device: &Device) -> Result<Self> {
+        let root = &location.folder;
+        let index: serde_json::Value = if root.join("model_index.json").is_file() {
+            read_config(&root.join("model_index.json"))?
+        } else {
+            serde_json::Value::Null
+        };
+        let sched_path = root.join("scheduler").join("scheduler_config.json");
+        let sched_cfg: ScheduleConfig =
+            if sched_path.is_file() { read_config(&sched_path)? } else { ScheduleConfig::default() };
+        let schedule = NoiseSchedule::new(&sched_cfg).map_err(|e| Error::model(&sched_path, e.to_string()))?;
+
+        let tokenizer = Tokenizer::from_dir(&root.join("tokenizer"))?;
+        let (text_encoder, te_targets) = load_text_encoder(&root.join("text_encoder"), false, dtype, device)?;
+        let second = if root.join("text_encoder_2").is_dir() {
+            let tok2 = Tokenizer::from_dir(&root.join("tokenizer_2"))?;
+            let (enc2, t2) = load_text_encoder(&root.join("text_encoder_2"), true, dtype, device)?;
+            Some((SecondEncoder { tokenizer: tok2, encoder: enc2 }, t2))
+        } else {
+            None
+        };
+
+        let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
+        let unet_cfg: UNetConfig = read_config(&unet_dir.join("config.json"))?;
+        let unet_tensors = load_component_tensors(&unet_dir, dtype, device)?;
+        let store = WeightStore::from_tensors(&unet_dir, unet_tensors, dtype, device);
+        let (unet, unet_targets) =
+            build(&store, |p| UNet::load(p, &unet_cfg)).map_err(|e| at_component(e, &unet_dir))?;
+        warn_unused(&store);
+
+        let vae_dir = root.join("vae");
+        let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
+        let mut vae_tensors = load_component_tensors(&vae_dir, dtype, device)?;
+        normalize_vae_keys(&mut vae_tensors);
+        let store = WeightStore::from_tensors(&vae_dir, vae_tensors, dtype, device);
+        let (vae, _vae_targets) = build(&store, |p| Vae::load(p, &vae_cfg)).map_err(|e| at_component(e, &vae_dir))?;
+
+        let mut targets = AdapterTargets::default();
+        targets.extend_prefixed("unet", &unet_targets);
+        targets.extend_prefixed("text_encoder", &te_targets);
+        let second = second.map(|(s, t2)| {
+            targets.extend_prefixed("text_encoder_2", &t2);
+            s
+        });
+        let context_dim = unet_cfg.context_dim();
+        let text_width = text_encoder.config.hidden_size
+            + second.as_ref().map(|s| s.encoder.config.hidden_size).unwrap_or(0);
+        if text_width != context_dim {
+            return Err(Error::model(
+                root,
+                format!("the text encoder(s) give {text_width} features but the UNet's cross-attention expects {context_dim}"),
+            ));
+        }
+        Ok(Pipeline {
+            location: location.clone(),
+            family: Family::from_unet(&unet_cfg),
+            tokenizer,
+            text_encoder,
+            second,
+            unet,
+            vae,
+            schedule,
+            targets,
+            device: device.clone(),
+            dtype,
+            max_batch: 8,
+            force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
+            warnings: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Every layer a LoRA may patch, as `unet.…`, `text_encoder.…`, `text_encoder_2.…`.
+    pub fn targets(&self) -> &AdapterTargets {
+        &self.targets
+    }
+
+    /// Pixels per latent cell (8 for every SD VAE).
+    pub fn vae_factor(&self) -> usize {
+        self.vae.config.downscale()
+    }
+
+    /// Checks a requested image size, with a suggestion when it does not fit.
+    pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
+        let f = self.vae_factor();
+        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+            let round = |v: usize| (v.max(1).div_ceil(f) * f).max(f);
+            return Err(Error::invalid(format!(
+                "size {width}x{height} is not a multiple of {f} (the VAE works on {f}x{f} pixel cells); \
+                 try {}x{}",
+                round(width),
+                round(height)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Warnings collected while encoding prompts since the last call.
+    pub fn take_warnings(&self) -> Vec<PromptWarning> {
+        std::mem::take(&mut self.warnings.borrow_mut())
+    }
+
+    fn tokenize(&self, tok: &Tokenizer, prompts: &[&str]) -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(prompts.len() * tok.context);
+        for p in prompts {
+            let e = tok.encode(p);
+            if e.truncated {
+                self.warnings.borrow_mut().push(PromptWarning {
+                    prompt: p.to_string(),
+                    message: format!(
+                        "{} tokens; the text encoder reads {} and the rest is ignored",
+                        e.prompt_tokens,
+                        tok.context - 2
+                    ),
+                });
+            }
+            if !e.unknown.is_empty() {
+                let chars: String = e.unknown.iter().collect();
+                self.warnings.borrow_mut().push(PromptWarning {
+                    prompt: p.to_string(),
+                    message: format!("characters with no token were dropped: {chars:?}"),
+                });
+            }
+            ids.extend(e.ids);
+        }
+        Ok(Tensor::from_vec(ids, (prompts.len(), tok.context), &self.device)?)
+    }
+
+    /// Encodes prompts into the UNet's conditioning.
+    pub fn encode_prompts(&self, prompts: &[&str], clip_skip: usize) -> Result<Conditioning> {
+        let skip = clip_skip.max(1) - 1;
+        match &self.second {
+            None => {
+                let ids = self.tokenize(&self.tokenizer, prompts)?;
+                let enc = self.text_encoder.forward(&ids, LayerChoice { skip, final_norm: true })?;
+                Ok(Conditioning { context: enc.hidden, pooled: None })
+            }
+            Some(s) => {
+                // SDXL: penultimate layers of both encoders, concatenated; pooled from the second.
+                let choice = LayerChoice { skip: skip.max(1), final_norm: false };
+                let e1 = self.text_encoder.forward(&self.tokenize(&self.tokenizer, prompts)?, choice)?;
+                let e2 = s.encoder.forward(&self.tokenize(&s.tokenizer, prompts)?, choice)?;
+                let context = Tensor::cat(&[&e1.hidden, &e2.hidden], 2)?;
+                Ok(Conditioning { context, pooled: Some(e2.pooled) })
+            }
+        }
+    }
+
+    fn negative_conditioning(&self, negative: &str, n: usize, clip_skip: usize) -> Result<Conditioning> {
+        let c = self.encode_prompts(&[negative], clip_skip)?;
+        let zero = self.force_zeros_for_empty_prompt && negative.is_empty();
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            let t = if zero { t.zeros_like()? } else { t.clone() };
+            let mut dims = t.dims().to_vec();
+            dims[0] = n;
+            Ok(t.broadcast_as(dims)?.contiguous()?)
+        };
+        Ok(Conditioning { context: rep(&c.context)?, pooled: c.pooled.as_ref().map(rep).transpose()? })
+    }
+
+    /// Generates one image per prompt; image `i` starts from the noise of seed `seeds[i]`.
+    /// Returns `[B, 3, H, W]` in `[0, 1]`.
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        params: &GenerationParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        if prompts.len() != seeds.len() {
+            return Err(Error::invalid(format!("{} prompts but {} seeds", prompts.len(), seeds.len())));
+        }
+        if prompts.is_empty() {
+            return Err(Error::invalid("nothing to generate: no prompts"));
+        }
+        self.check_size(params.width, params.height)?;
+        let f = self.vae_factor();
+        let c = self.unet.config.in_channels;
+        let mut out = Vec::new();
+        let total_steps = params.steps * prompts.len().div_ceil(self.max_batch);
+        let mut done = 0;
+        for (chunk_p, chunk_s) in prompts.chunks(self.max_batch).zip(seeds.chunks(self.max_batch)) {
+            let latents = initial_latents(chunk_s, c, params.height / f, params.width / f, &Device::Cpu)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            let mut step_progress = |s: usize, _t: usize| progress(done + s, total_steps);
+            out.push(self.generate_from_latents(chunk_p, &latents, params, &mut step_progress)?);
+            done += params.steps;
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// The denoising loop from given initial latents (unscaled standard normal noise).
+    pub fn generate_from_latents(
+        &self,
+        prompts: &[&str],
+        noise: &Tensor,
+        params: &GenerationParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let latents = self.denoise(prompts, noise, params, progress)?;
+        self.vae.decode(&latents)
+    }
+
+    /// Text → clean latents.
+    pub fn denoise(
+        &self,
+        prompts: &[&str],
+        noise: &Tensor,
+        params: &GenerationParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let b = prompts.len();
+        if noise.dim(0)? != b {
+            return Err(Error::invalid(format!("{b} prompts but {} initial latents", noise.dim(0)?)));
+        }
+        let sampler = params.sampler.build(&self.schedule, params.steps)?;
+        let cond = self.encode_prompts(prompts, params.clip_skip)?;
+        let guided = params.guidance > 1.0;
+        let (context, pooled) = if guided {
+            let neg = self.negative_conditioning(&params.negative_prompt, b, params.clip_skip)?;
+            let context = Tensor::cat(&[&neg.context, &cond.context], 0)?;
+            let pooled = match (&neg.pooled, &cond.pooled) {
+                (Some(n), Some(c)) => Some(Tensor::cat(&[n, c], 0)?),
+                _ => None,
+            };
+            (context, pooled)
+        } else {
+            (cond.context, cond.pooled)
+        };
+        let rows = context.dim(0)?;
+        let added = match pooled {
+            Some(text_embeds) => {
+                let (h, w) = (noise.dim(2)? * self.vae_factor(), noise.dim(3)? * self.vae_factor());
+                let ids: Vec<f32> = (0..rows).flat_map(|_| [h as f32, w as f32, 0.0, 0.0, h as f32, w as f32]).collect();
+                Some(AddedConditioning { text_embeds, time_ids: Tensor::from_vec(ids, (rows, 6), &self.device)? })
+            }
+            None => None,
+        };
+        let mut x = (noise * sampler.init_noise_sigma())?;
+        let steps = sampler.timesteps().len();
+        for i in 0..steps {
+            let t = sampler.timesteps()[i];
+            let xin = sampler.scale_input(&x, i)?;
+            let xin = if guided { Tensor::cat(&[&xin, &xin], 0)? } else { xin };
+            let ts = Tensor::full(t as f32, rows, &self.device)?;
+            let out = self.unet.forward(&xin, &ts, &context, added.as_ref())?;
+            let eps = if guided {
+                let uncond = out.narrow(0, 0, b)?;
+                let condp = out.narrow(0, b, b)?;
+                (&uncond + ((condp - &uncond)? * params.guidance)?)?
+            } else {
+                out
+            };
+            x = sampler.step(&x, &eps, i)?;
+            progress(i + 1, steps);
+        }
+        Ok(x)
+    }
+}
+
+fn load_text_encoder(
+    dir: &Path,
+    with_projection: bool,
+    dtype: DType,
+    device: &Device,
+) -> Result<(TextEncoder, AdapterTargets)> {
+    let cfg: TextConfig = read_config(&dir.join("config.json"))?;
+    let mut tensors = load_component_tensors(dir, dtype, device)?;
+    normalize_text_encoder_keys(&mut tensors);
+    let with_projection = with_projection && tensors.contains_key("text_projection.weight");
+    let store = WeightStore::from_tensors(dir, tensors, dtype, device);
+    build(&store, |p| TextEncoder::load(p, &cfg, with_projection)).map_err(|e| at_component(e, dir))
+}
+
+fn at_component(e: Error, dir: &Path) -> Error {
+    match e {
+        Error::Invalid(m) => Error::model(dir, m),
+        other => other,
+    }
+}
+
+fn warn_unused(store: &WeightStore) {
+    let unused = store.unused();
+    if !unused.is_empty() {
+        eprintln!(
+            "warning: {}: {} tensors are not used by the architecture in config.json (first: {})",
+            store.origin().display(),
+            unused.len(),
+            unused[0]
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! The spatial transformer of SD UNets: `Transformer2DModel` with its `BasicTransformerBlock`s.
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear, attention};
+use crate::model::params::Params;
+
+/// Multi-head attention with diffusers' key names (`to_q`, `to_k`, `to_v`, `to_out.0`).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn load(p: &Params, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Attention {
+            to_q: Linear::load(&p.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&p.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(&p.pp("to_v"), context_dim, inner, false)?,
+            to_out: Linear::load(&p.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+        })
+    }
+
+    /// `x [B, N, C]` attends to `context [B, M, Cc]` (itself when `None`).
+    pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(x);
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        let (b, n, inner) = q.dims3()?;
+        let m = k.dim(1)?;
+        let d = inner / self.heads;
+        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let o = attention(&split(&q, n)?, &split(&k, m)?, &split(&v, m)?, None)?;
+        let o = o.transpose(1, 2)?.reshape((b, n, inner))?;
+        self.to_out.forward(&o)
+    }
+}
+
+/// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`) with exact (erf) GELU, as diffusers.
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn load(p: &Params, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(FeedForward {
+            proj: Linear::load(&p.pp("net").pp(0).pp("proj"), dim, inner * 2, true)?,
+            out: Linear::load(&p.pp("net").pp(2), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let half = h.dim(candle_core::D::Minus1)? / 2;
+        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
+        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
+        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn load(p: &Params, dim: usize, heads: usize, head_dim: usize, context_dim: usize) -> Result<Self> {
+        Ok(TransformerBlock {
+            norm1: LayerNorm::load(&p.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::load(&p.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: LayerNorm::load(&p.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::load(&p.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: LayerNorm::load(&p.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&p.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+    }
+}
+
+/// Either projection flavour: 1×1 convolutions (SD 1.x) or linear layers (SD 2.x, SDXL).
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// `Transformer2DModel`: norm, project in, transformer blocks, project out, residual.
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+pub struct SpatialTransformerConfig {
+    pub channels: usize,
+    pub heads: usize,
+    pub depth: usize,
+    pub context_dim: usize,
+    pub groups: usize,
+    pub linear_projection: bool,
+}
+
+impl SpatialTransformer {
+    pub fn load(p: &Params, c: &SpatialTransformerConfig) -> Result<Self> {
+        let ch = c.channels;
+        let head_dim = ch / c.heads;
+        let inner = c.heads * head_dim;
+        let proj = |name: &str, i: usize, o: usize| -> Result<Projection> {
+            Ok(if c.linear_projection {
+                Projection::Linear(Linear::load(&p.pp(name), i, o, true)?)
+            } else {
+                Projection::Conv(Conv2d::load(&p.pp(name), i, o, 1, 1, 0, true)?)
+            })
+        };
+        Ok(SpatialTransformer {
+            norm: GroupNorm::load(&p.pp("norm"), c.groups, ch, 1e-6)?,
+            proj_in: proj("proj_in", ch, inner)?,
+            blocks: (0..c.depth)
+                .map(|i| TransformerBlock::load(&p.pp("transformer_blocks").pp(i), inner, c.heads, head_dim, c.context_dim))
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out", inner, ch)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let y = self.norm.forward(x)?;
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            let ch = t.dim(1)?;
+            Ok(t.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?)
+        };
+        let mut y = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&y)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&y)?)?,
+        };
+        for block in &self.blocks {
+            y = block.forward(&y, context)?;
+        }
+        let inner = y.dim(2)?;
+        let from_tokens = |t: &Tensor, ch: usize| -> Result<Tensor> {
+            Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, ch, h, w))?)
+        };
+        let y = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&from_tokens(&y, inner)?)?,
+            Projection::Linear(lin) => from_tokens(&lin.forward(&y)?, c)?,
+        };
+        Ok((y + residual)?)
+    }
+}

@@ -1,0 +1,179 @@
+//! Reading and writing safetensors files without ever panicking on bad bytes.
+//!
+//! Every file a user hands us (a LoRA, a checkpoint) may be truncated, corrupt or something else
+//! entirely, so the reader validates the header, the offsets and the dtypes before it builds a
+//! tensor, and reports the first problem as [`Error::TensorFile`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, IoContext, Result};
+
+/// All tensors of one safetensors file, converted to `dtype` on `device`, with its metadata.
+#[derive(Debug, Clone)]
+pub struct TensorFile {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+    /// The `__metadata__` map of the header (empty when the file has none).
+    pub metadata: BTreeMap<String, String>,
+    /// The dtype each tensor had on disk, by name (for `inspect` and for format detection).
+    pub stored_dtypes: HashMap<String, safetensors::Dtype>,
+}
+
+impl TensorFile {
+    /// Reads a whole safetensors file. Float tensors are converted to `dtype`; integer and bool
+    /// tensors (position-id buffers in old checkpoints) are kept in their own dtype.
+    pub fn load(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let file = std::fs::File::open(path).at(path)?;
+        // SAFETY: the map is read-only and dropped before this function returns; a file changed
+        // underneath us can at worst produce wrong numbers, which the checks downstream catch.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
+        Self::from_bytes(path, &mmap, dtype, device)
+    }
+
+    /// Parses safetensors bytes; `path` is only used in messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8], dtype: DType, device: &Device) -> Result<Self> {
+        let bad = |reason: String| Error::TensorFile { path: path.to_path_buf(), reason };
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(describe(&e)))?;
+        let metadata: BTreeMap<String, String> =
+            header.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
+        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(describe(&e)))?;
+        let mut tensors = HashMap::new();
+        let mut stored_dtypes = HashMap::new();
+        for (name, view) in st.tensors() {
+            let t = view_to_tensor(&view, dtype, device)
+                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            stored_dtypes.insert(name.clone(), view.dtype());
+            tensors.insert(name, t);
+        }
+        Ok(TensorFile { path: path.to_path_buf(), tensors, metadata, stored_dtypes })
+    }
+
+    /// Names in sorted order, for stable messages and listings.
+    pub fn sorted_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+}
+
+fn describe(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall | E::HeaderTooLarge | E::InvalidHeaderLength => {
+            format!("{e:?} (the file is truncated or is not a safetensors file)")
+        }
+        E::MetadataIncompleteBuffer => {
+            "the file is shorter than its header says (truncated download?)".to_string()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn view_to_tensor(view: &safetensors::tensor::TensorView<'_>, dtype: DType, device: &Device) -> Result<Tensor> {
+    use safetensors::Dtype as S;
+    let shape: Vec<usize> = view.shape().to_vec();
+    let data = view.data();
+    let numel: usize = shape.iter().product();
+    let need = |size: usize| -> Result<()> {
+        if numel.checked_mul(size) != Some(data.len()) {
+            return Err(Error::invalid(format!(
+                "{} bytes of data for shape {shape:?} of {:?}",
+                data.len(),
+                view.dtype()
+            )));
+        }
+        Ok(())
+    };
+    // Copy through aligned vectors: mmap'd data has no alignment guarantee.
+    let t = match view.dtype() {
+        S::F32 => {
+            need(4)?;
+            let v: Vec<f32> = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+        }
+        S::F16 => {
+            need(2)?;
+            let v: Vec<f32> = data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+        }
+        S::BF16 => {
+            need(2)?;
+            let v: Vec<f32> = data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+            Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+        }
+        S::F64 => {
+            need(8)?;
+            let v: Vec<f64> = data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("chunks_exact(8)")))
+                .collect();
+            Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+        }
+        S::I64 => {
+            need(8)?;
+            let v: Vec<i64> = data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("chunks_exact(8)")))
+                .collect();
+            Tensor::from_vec(v, shape, device)?
+        }
+        S::I32 => {
+            need(4)?;
+            let v: Vec<i64> = data.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect();
+            Tensor::from_vec(v, shape, device)?
+        }
+        S::U8 | S::BOOL => {
+            need(1)?;
+            Tensor::from_vec(data.to_vec(), shape, device)?
+        }
+        other => return Err(Error::invalid(format!("unsupported dtype {other:?}"))),
+    };
+    Ok(t)
+}
+
+/// Storage dtype when writing tensors to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveDtype {
+    F32,
+    F16,
+}
+
+/// Writes tensors (any float dtype in memory) as one safetensors file, atomically: the data goes
+/// to a temporary file in the same folder that is renamed over the target only when complete.
+pub fn save(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    let mut raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let shape = t.dims().to_vec();
+        let flat = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let (dt, bytes) = match dtype {
+            SaveDtype::F32 => (safetensors::Dtype::F32, flat.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            SaveDtype::F16 => (
+                safetensors::Dtype::F16,
+                flat.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+            ),
+        };
+        raw.push((name.clone(), dt, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, dt, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
+                .map_err(|e| Error::invalid(format!("tensor `{n}`: {e:?}")))?;
+            Ok((n.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::invalid(format!("serialising {}: {e:?}", path.display())))?;
+    crate::fsutil::write_atomic(path, &bytes)
+}

@@ -1,0 +1,100 @@
+//! Parity with PyTorch + diffusers + transformers on the shapes world's models.
+//!
+//! The fixtures in tests/fixtures/parity were computed in float32 by the reference script in
+//! shared/tinyworld/reference.py (PyTorch 2.11, diffusers 0.42, transformers 5.17).
+
+mod common;
+
+use candle_core::{DType, IndexOp};
+use common::{fixture, max_abs_diff, mean_abs_diff, parity_json, tiny};
+use loragate::model::GenerationParams;
+use loragate::model::text_encoder::LayerChoice;
+
+#[test]
+fn tokenizer_gives_the_reference_ids() {
+    let pipe = tiny();
+    let meta = parity_json();
+    let mut prompts: Vec<String> = meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+    prompts.push(String::new());
+    let want = fixture("te.input_ids").to_dtype(DType::I64).unwrap().to_vec2::<i64>().unwrap();
+    for (p, w) in prompts.iter().zip(&want) {
+        let got: Vec<i64> = pipe.tokenizer.encode(p).ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(&got, w, "prompt {p:?}");
+    }
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    let pipe = tiny();
+    let ids = fixture("te.input_ids").to_dtype(DType::U32).unwrap();
+    let got = pipe.text_encoder.forward(&ids, LayerChoice::LAST).unwrap().hidden;
+    let want = fixture("te.last_hidden_state");
+    let d = max_abs_diff(&got, &want);
+    eprintln!("text encoder max abs diff {d:e}");
+    assert!(d < 1e-3, "text encoder max abs diff {d}");
+}
+
+#[test]
+fn one_unet_call_matches_diffusers_with_a_timestep_per_item() {
+    let pipe = tiny();
+    let x = fixture("unet.sample");
+    let t = fixture("unet.timestep");
+    let ctx = fixture("unet.context");
+    // Both rows in one batch, each with its own timestep (981 and 401).
+    let got = pipe.unet.forward(&x, &t, &ctx, None).unwrap();
+    let want = fixture("unet.eps");
+    let d = max_abs_diff(&got, &want);
+    eprintln!("UNet max abs diff {d:e}");
+    assert!(d < 1e-3, "UNet max abs diff {d}");
+}
+
+#[test]
+fn vae_decode_and_encode_match_diffusers() {
+    let pipe = tiny();
+    let decoded = pipe.vae.decode(&fixture("vae.latents")).unwrap();
+    let d = max_abs_diff(&decoded, &fixture("vae.decoded"));
+    eprintln!("VAE decode max abs diff {d:e}");
+    assert!(d < 1e-3, "VAE decode max abs diff {d}");
+    let encoded = pipe.vae.encode(&fixture("vae.decoded")).unwrap();
+    let d = max_abs_diff(&encoded, &fixture("vae.encoded_mean"));
+    eprintln!("VAE encode max abs diff {d:e}");
+    assert!(d < 1e-3, "VAE encode max abs diff {d}");
+}
+
+#[test]
+fn vae_batched_decode_equals_one_at_a_time() {
+    // candle #3744: a transposed left operand breaks batched matmuls after the first item.
+    let pipe = tiny();
+    let z = fixture("vae.latents");
+    let both = pipe.vae.decode(&z).unwrap();
+    for i in 0..2 {
+        let one = pipe.vae.decode(&z.narrow(0, i, 1).unwrap()).unwrap();
+        let d = max_abs_diff(&both.i(i).unwrap(), &one.i(0).unwrap());
+        assert!(d < 1e-5, "batched decode differs from single decode for item {i}: {d}");
+    }
+}
+
+#[test]
+fn full_pipeline_matches_diffusers() {
+    let pipe = tiny();
+    let meta = parity_json();
+    let prompts: Vec<&str> = meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let latents = fixture("pipe.latents");
+    let params = GenerationParams { steps: 20, guidance: 5.0, ..Default::default() };
+    let got = pipe.generate_from_latents(&prompts, &latents, &params, &mut |_, _| {}).unwrap();
+    let want = fixture("pipe.images");
+    let max = max_abs_diff(&got, &want);
+    let mean = mean_abs_diff(&got, &want);
+    eprintln!("pipeline max {:.4}/255 mean {:.5}/255", max * 255.0, mean * 255.0);
+    // 20 steps of a chaotic ODE amplify 1e-5 per-call differences; see README "Parity".
+    assert!(max < 0.5 / 255.0, "pipeline max abs diff {max} ({:.2}/255)", max * 255.0);
+    assert!(mean < 0.02 / 255.0, "pipeline mean abs diff {mean} ({:.3}/255)", mean * 255.0);
+}
+
+#[test]
+fn ddim_timesteps_match_diffusers() {
+    let pipe = tiny();
+    let want: Vec<usize> = parity_json()["ddim_timesteps"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
+    assert_eq!(pipe.schedule.timesteps(20).unwrap(), want);
+}
+
