@@ -34,6 +34,11 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Lora { path: PathBuf, message: String },
 
+    /// A well-formed LoRA that does not fit the model it is applied to (wrong base family,
+    /// modules the model does not have). Suites report this per case instead of failing.
+    #[error("{}: {message}", path.display())]
+    LoraMismatch { path: PathBuf, message: String },
+
     /// A model folder or checkpoint that is missing parts or does not fit its config.
     #[error("model {}: {message}", path.display())]
     Model { path: PathBuf, message: String },
@@ -64,7 +69,7 @@ impl Error {
     /// Which documented exit code this error ends the process with.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Lora { .. } | Error::Invalid(_) => ExitCode::Usage,
+            Error::Lora { .. } | Error::LoraMismatch { .. } | Error::Invalid(_) => ExitCode::Usage,
             // A LoRA or dataset the user named is "input"; a model folder is infrastructure.
             Error::TensorFile { .. } | Error::Io { .. } | Error::Model { .. } | Error::Tensor(_) => {
                 ExitCode::Infrastructure

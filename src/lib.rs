@@ -6,3 +6,4 @@ pub mod model;
 pub mod tensors;
 
 pub use error::{Error, ExitCode, Result};
+pub mod lora;

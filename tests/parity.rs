@@ -98,3 +98,34 @@ fn ddim_timesteps_match_diffusers() {
     assert_eq!(pipe.schedule.timesteps(20).unwrap(), want);
 }
 
+
+#[test]
+fn zorb_lora_matches_diffusers_in_both_formats_and_weights() {
+    use loragate::lora::{LoraFile, LoraStack};
+    let pipe = tiny();
+    let meta = parity_json();
+    let prompts: Vec<&str> = meta["lora_prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let latents = fixture("lora.latents");
+    let params = GenerationParams { steps: 20, guidance: 5.0, ..Default::default() };
+    for format in ["diffusers", "kohya"] {
+        let lora = LoraFile::load(&common::shared_loras().join(format!("zorb.{format}.safetensors"))).unwrap();
+        let mut stack = LoraStack::resolve(&pipe, &[(&lora, 1.0)]).unwrap();
+        for weight in [1.0, 0.5] {
+            // The weight changes on the bound stack: no reload, no re-resolution.
+            stack.set_weights(&[weight]).unwrap();
+            let report = stack.apply(&pipe).unwrap();
+            assert_eq!(report.entries[0].tensors_applied, lora.tensor_count);
+            let got = pipe.generate_from_latents(&prompts, &latents, &params, &mut |_, _| {}).unwrap();
+            let want = fixture(&format!("lora.{format}.w{weight:.1}.images"));
+            let max = max_abs_diff(&got, &want);
+            let mean = mean_abs_diff(&got, &want);
+            eprintln!("{format} w{weight}: max {:.4}/255 mean {:.5}/255", max * 255.0, mean * 255.0);
+            assert!(max < 0.5 / 255.0 && mean < 0.02 / 255.0, "{format} at {weight}: max {max} mean {mean}");
+        }
+    }
+    // Removing the LoRA restores the base model exactly.
+    LoraStack::default().apply(&pipe).unwrap();
+    let base = pipe.generate_from_latents(&prompts, &latents, &params, &mut |_, _| {}).unwrap();
+    let with = fixture("lora.diffusers.w1.0.images");
+    assert!(mean_abs_diff(&base, &with) > 0.005, "the LoRA should move the images");
+}

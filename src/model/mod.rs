@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod conv;
+pub mod ldm;
 pub mod loading;
 pub mod nn;
 pub mod noise;

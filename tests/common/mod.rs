@@ -42,7 +42,7 @@ pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 pub fn shared_loras() -> PathBuf {
-    fixtures().join("loras")
+    repo().join("assets").join("loras")
 }
 
 pub fn path_str(p: &Path) -> String {
