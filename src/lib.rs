@@ -7,3 +7,8 @@ pub mod tensors;
 
 pub use error::{Error, ExitCode, Result};
 pub mod lora;
+pub mod cli;
+pub mod device;
+pub mod imageio;
+pub mod progress;
+pub mod record;

@@ -68,3 +68,29 @@ pub fn load_component_tensors(dir: &Path, dtype: DType, device: &Device) -> Resu
     }
     Ok(all)
 }
+
+/// A content identity of model files: the full content of files up to 256 MiB; for larger
+/// files their size plus the first and last MiB (hashing 7 GB per run would cost seconds and
+/// any real change to a checkpoint changes its header or tail).
+pub fn fingerprint(files: &[PathBuf]) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const FULL: u64 = 256 << 20;
+    const EDGE: usize = 1 << 20;
+    let mut acc = Vec::new();
+    for f in files {
+        let mut file = std::fs::File::open(f).map_err(|e| Error::io(f, e))?;
+        let len = file.metadata().map_err(|e| Error::io(f, e))?.len();
+        acc.extend(len.to_le_bytes());
+        if len <= FULL {
+            file.read_to_end(&mut acc).map_err(|e| Error::io(f, e))?;
+        } else {
+            let mut buf = vec![0u8; EDGE];
+            file.read_exact(&mut buf).map_err(|e| Error::io(f, e))?;
+            acc.extend(&buf);
+            file.seek(SeekFrom::End(-(EDGE as i64))).map_err(|e| Error::io(f, e))?;
+            file.read_exact(&mut buf).map_err(|e| Error::io(f, e))?;
+            acc.extend(&buf);
+        }
+    }
+    Ok(crate::fsutil::content_hash(&acc))
+}

@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod conv;
 pub mod ldm;
+pub mod fused;
 pub mod loading;
 pub mod nn;
 pub mod noise;

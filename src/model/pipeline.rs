@@ -3,14 +3,14 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::Family;
 use crate::model::adapters::AdapterTargets;
-use crate::model::loading::{load_component_tensors, read_config};
+use crate::model::loading::{fingerprint, load_component_tensors, read_config, weight_files};
 use crate::model::noise::initial_latents;
 use crate::model::params::{Params, WeightStore};
 use crate::model::resolve::ModelLocation;
@@ -82,6 +82,9 @@ pub struct Pipeline {
     pub max_batch: usize,
     force_zeros_for_empty_prompt: bool,
     warnings: RefCell<Vec<PromptWarning>>,
+    /// The files the pipeline was read from (configs and weights), for its fingerprint.
+    files: Vec<PathBuf>,
+    fingerprint: std::cell::OnceCell<String>,
 }
 
 /// Loads one component with its own LoRA-target registry.
@@ -155,6 +158,18 @@ impl Pipeline {
             targets.extend_prefixed("text_encoder_2", &t2);
             s
         });
+        let mut files = Vec::new();
+        let mut dirs = vec![root.join("text_encoder"), unet_dir.clone(), vae_dir.clone()];
+        if root.join("text_encoder_2").is_dir() {
+            dirs.push(root.join("text_encoder_2"));
+        }
+        for d in &dirs {
+            files.push(d.join("config.json"));
+            files.extend(weight_files(d)?);
+        }
+        if sched_path.is_file() {
+            files.push(sched_path.clone());
+        }
         let context_dim = unet_cfg.context_dim();
         let text_width = text_encoder.config.hidden_size
             + second.as_ref().map(|s| s.encoder.config.hidden_size).unwrap_or(0);
@@ -179,7 +194,18 @@ impl Pipeline {
             max_batch: 8,
             force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
             warnings: RefCell::new(Vec::new()),
+            files,
+            fingerprint: std::cell::OnceCell::new(),
         })
+    }
+
+    /// A content identity of the model's files (see [`fingerprint`]), computed once.
+    pub fn fingerprint(&self) -> Result<String> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f.clone());
+        }
+        let f = fingerprint(&self.files)?;
+        Ok(self.fingerprint.get_or_init(|| f).clone())
     }
 
     /// Every layer a LoRA may patch, as `unet.…`, `text_encoder.…`, `text_encoder_2.…`.

@@ -233,7 +233,7 @@ impl Encoder {
             }
         }
         h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
@@ -284,7 +284,7 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 

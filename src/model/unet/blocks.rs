@@ -39,12 +39,12 @@ impl ResnetBlock {
 
     /// `temb` is the already-activated time embedding `[B, T]` (or `None` in the VAE).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(t)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),

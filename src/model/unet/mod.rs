@@ -423,6 +423,6 @@ impl UNet {
         for block in &self.up {
             h = block.forward(&h, &temb, context, &mut skips)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }

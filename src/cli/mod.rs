@@ -1,0 +1,61 @@
+//! Command-line interface: clap definitions, one file per subcommand.
+
+mod generate;
+mod inspect;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{ExitCode, Result};
+
+#[derive(Debug, Parser)]
+#[command(name = "loragate", version, about = "Test LoRA checkpoints for Stable Diffusion like build artifacts")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate images from a prompt, optionally with LoRAs.
+    Generate(generate::GenerateArgs),
+    /// Describe a LoRA file: format, rank, alpha, targets, probable base family, metadata.
+    Inspect(inspect::InspectArgs),
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> Result<ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { ExitCode::Usage } else { ExitCode::Success };
+            let _ = e.print();
+            return Ok(code);
+        }
+    };
+    match cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Inspect(a) => inspect::run(a),
+    }
+}
+
+/// `FILE[:WEIGHT]`: the weight is split off only when it parses as a number, so paths with
+/// colons still work.
+pub(crate) fn parse_lora_arg(s: &str) -> std::result::Result<(std::path::PathBuf, f64), String> {
+    if let Some((file, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !w.is_finite() {
+                return Err(format!("weight `{w}` is not a finite number"));
+            }
+            return Ok((file.into(), w));
+        }
+    }
+    Ok((s.into(), 1.0))
+}
+
+/// `WxH`, e.g. `128x128`.
+pub(crate) fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("`{s}` is not WIDTHxHEIGHT, e.g. 128x128"))?;
+    let w = w.trim().parse().map_err(|_| format!("bad width in `{s}`"))?;
+    let h = h.trim().parse().map_err(|_| format!("bad height in `{s}`"))?;
+    Ok((w, h))
+}

@@ -1,0 +1,60 @@
+//! Choosing where tensors live: `--device cpu`, `cuda`, `cuda:N`.
+
+use candle_core::{DType, Device};
+
+use crate::error::{Error, Result};
+
+/// Parses a `--device` value. CUDA needs a build with the `cuda` feature and a visible GPU;
+/// either missing is a clear error, never a silent fall-back to the CPU.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| Error::invalid(format!("bad device `{s}`: use cuda:N")))?,
+                None => 0,
+            };
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::invalid(format!(
+                    "device `{s}` asked for, but this loragate was built without CUDA \
+                     (rebuild with `--features cuda`, see README \"GPU\")"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("device `{s}` is not usable: {e}")))
+        }
+        other => Err(Error::invalid(format!("unknown device `{other}` (use cpu, cuda or cuda:N)"))),
+    }
+}
+
+/// Parses a `--dtype` value; the CPU computes in f32 only.
+pub fn parse_dtype(spec: &str, device: &Device) -> Result<DType> {
+    let dtype = match spec {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "f16" | "fp16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => return Err(Error::invalid(format!("unknown dtype `{other}` (use f32, f16 or bf16)"))),
+    };
+    if device.is_cpu() && dtype != DType::F32 {
+        return Err(Error::invalid(format!("{spec} compute needs a GPU; on the CPU loragate computes in f32")));
+    }
+    Ok(dtype)
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
+}
+
+/// A short label for baselines and metadata: `cpu`, `cuda`.
+pub fn device_class(d: &Device) -> &'static str {
+    if d.is_cuda() {
+        "cuda"
+    } else if d.is_metal() {
+        "metal"
+    } else {
+        "cpu"
+    }
+}
