@@ -129,3 +129,32 @@ fn zorb_lora_matches_diffusers_in_both_formats_and_weights() {
     let with = fixture("lora.diffusers.w1.0.images");
     assert!(mean_abs_diff(&base, &with) > 0.005, "the LoRA should move the images");
 }
+
+#[test]
+fn clip_scorer_matches_transformers() {
+    use loragate::model::resolve::resolve_scorer;
+    use loragate::score::ClipScorer;
+    let scorer = ClipScorer::load(&resolve_scorer("tiny-clip").unwrap(), &candle_core::Device::Cpu).unwrap();
+    // Preprocessing: 128 → 64 antialiased bicubic, then OpenAI normalisation.
+    let pixels = scorer.preprocess(&fixture("pipe.images")).unwrap();
+    let d = max_abs_diff(&pixels, &fixture("clip.pixel_values"));
+    eprintln!("CLIP preprocess max abs diff {d:e}");
+    assert!(d < 2e-3, "preprocess max abs diff {d}");
+    let ie = scorer.image_embeddings_from_pixels(&fixture("clip.pixel_values")).unwrap();
+    let d = max_abs_diff(&ie, &fixture("clip.image_embeds"));
+    eprintln!("CLIP image embeds max abs diff {d:e}");
+    assert!(d < 1e-3, "image embeddings {d}");
+    let ids = fixture("clip.input_ids").to_dtype(DType::U32).unwrap();
+    let te = scorer.text_embeddings_from_ids(&ids).unwrap();
+    let d = max_abs_diff(&te, &fixture("clip.text_embeds"));
+    eprintln!("CLIP text embeds max abs diff {d:e}");
+    assert!(d < 1e-3, "text embeddings {d}");
+    // End to end from our own preprocessing and tokenizer: the reference cosines.
+    let meta = parity_json();
+    let prompts: Vec<&str> = meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    let cos = loragate::score::clip::row_cosines(&scorer.image_embeddings_from_pixels(&pixels).unwrap(), &scorer.text_embeddings(&prompts).unwrap()).unwrap();
+    let want: Vec<f64> = meta["clip_cosine"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    for (g, w) in cos.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-3, "cosine {g} vs {w}");
+    }
+}

@@ -104,7 +104,7 @@ pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
     for k in keys {
         if k.ends_with("position_ids") {
             tensors.remove(&k);
-        } else if !k.starts_with("text_model.") && k != "text_projection.weight" && k != "logit_scale" {
+        } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| k.starts_with(p)) {
             if let Some(t) = tensors.remove(&k) {
                 tensors.insert(format!("text_model.{k}"), t);
             }

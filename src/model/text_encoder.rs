@@ -93,7 +93,8 @@ impl TextConfig {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer of CLIP (text and vision towers share it).
+pub(crate) struct EncoderLayer {
     ln1: LayerNorm,
     q: Linear,
     k: Linear,
@@ -106,25 +107,46 @@ struct EncoderLayer {
     act: Activation,
 }
 
+/// The sizes of a CLIP transformer tower.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TowerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub act: Activation,
+    pub eps: f64,
+}
+
 impl EncoderLayer {
     fn load(p: &Params, c: &TextConfig) -> Result<Self> {
-        let h = c.hidden_size;
+        let dims = TowerDims {
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            act: c.activation()?,
+            eps: c.layer_norm_eps,
+        };
+        Self::load_with(p, &dims)
+    }
+
+    pub(crate) fn load_with(p: &Params, c: &TowerDims) -> Result<Self> {
+        let h = c.hidden;
         let a = p.pp("self_attn");
         Ok(EncoderLayer {
-            ln1: LayerNorm::load(&p.pp("layer_norm1"), h, c.layer_norm_eps)?,
+            ln1: LayerNorm::load(&p.pp("layer_norm1"), h, c.eps)?,
             q: Linear::load(&a.pp("q_proj"), h, h, true)?,
             k: Linear::load(&a.pp("k_proj"), h, h, true)?,
             v: Linear::load(&a.pp("v_proj"), h, h, true)?,
             out: Linear::load(&a.pp("out_proj"), h, h, true)?,
-            ln2: LayerNorm::load(&p.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::load(&p.pp("mlp").pp("fc1"), h, c.intermediate_size, true)?,
-            fc2: Linear::load(&p.pp("mlp").pp("fc2"), c.intermediate_size, h, true)?,
-            heads: c.num_attention_heads,
-            act: c.activation()?,
+            ln2: LayerNorm::load(&p.pp("layer_norm2"), h, c.eps)?,
+            fc1: Linear::load(&p.pp("mlp").pp("fc1"), h, c.intermediate, true)?,
+            fc2: Linear::load(&p.pp("mlp").pp("fc2"), c.intermediate, h, true)?,
+            heads: c.heads,
+            act: c.act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, h) = x.dims3()?;
         let d = h / self.heads;
         let y = self.ln1.forward(x)?;
