@@ -151,6 +151,19 @@ pub fn save(
     metadata: &BTreeMap<String, String>,
     dtype: SaveDtype,
 ) -> Result<()> {
+    let bytes = serialize(tensors, metadata, dtype).map_err(|e| match e {
+        Error::Invalid(m) => Error::invalid(format!("serialising {}: {m}", path.display())),
+        other => other,
+    })?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// The safetensors bytes of `tensors`.
+pub fn serialize(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: &BTreeMap<String, String>,
+    dtype: SaveDtype,
+) -> Result<Vec<u8>> {
     let mut raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, t) in tensors {
         let shape = t.dims().to_vec();
@@ -173,7 +186,6 @@ pub fn save(
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::invalid(format!("serialising {}: {e:?}", path.display())))?;
-    crate::fsutil::write_atomic(path, &bytes)
+    let meta = if meta.is_empty() { None } else { Some(meta) };
+    safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("{e:?}")))
 }

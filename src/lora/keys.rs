@@ -87,12 +87,14 @@ pub fn parse_key(key: &str) -> Result<ParsedKey, KeyProblem> {
         ("lora_mid", "LyCORIS LoCon with CP decomposition (lora_mid)"),
         ("dora_scale", "DoRA"),
         ("lora_magnitude_vector", "DoRA"),
-        (".diff", "a full-weight difference (LyCORIS `diff`)"),
         ("oft_blocks", "OFT"),
     ] {
         if key.contains(marker) {
             return Err(KeyProblem::Unsupported(what));
         }
+    }
+    if key.starts_with("lora_") && (key.ends_with(".diff") || key.ends_with(".diff_b")) {
+        return Err(KeyProblem::Unsupported("a full-weight difference (LyCORIS `diff`)"));
     }
     if let Some(rest) = key.strip_prefix("lora_") {
         return parse_kohya(rest);
