@@ -43,6 +43,12 @@ pub enum Error {
     #[error("model {}: {message}", path.display())]
     Model { path: PathBuf, message: String },
 
+    /// A suite file that does not parse or validate, pointing at the place to fix.
+    /// `infrastructure` marks problems of the environment (a model folder that is missing),
+    /// which exit with 3 rather than 2.
+    #[error("{}:{line}:{column}: {message}{}", file.display(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Suite { file: PathBuf, line: usize, column: usize, message: String, hint: Option<String>, infrastructure: bool },
+
     /// A value the user gave (flag, prompt, size, suite value) is not acceptable.
     #[error("{0}")]
     Invalid(String),
@@ -69,7 +75,8 @@ impl Error {
     /// Which documented exit code this error ends the process with.
     pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::Lora { .. } | Error::LoraMismatch { .. } | Error::Invalid(_) => ExitCode::Usage,
+            Error::Suite { infrastructure: true, .. } => ExitCode::Infrastructure,
+            Error::Lora { .. } | Error::LoraMismatch { .. } | Error::Suite { .. } | Error::Invalid(_) => ExitCode::Usage,
             // A LoRA or dataset the user named is "input"; a model folder is infrastructure.
             Error::TensorFile { .. } | Error::Io { .. } | Error::Model { .. } | Error::Tensor(_) => {
                 ExitCode::Infrastructure

@@ -13,3 +13,7 @@ pub mod imageio;
 pub mod progress;
 pub mod record;
 pub mod score;
+pub mod suite;
+pub mod harness;
+pub mod baseline;
+pub mod report;

@@ -1,7 +1,11 @@
 //! Command-line interface: clap definitions, one file per subcommand.
 
+mod baseline;
 mod generate;
 mod inspect;
+mod junit;
+pub mod schema;
+mod suite;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +24,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a LoRA file: format, rank, alpha, targets, probable base family, metadata.
     Inspect(inspect::InspectArgs),
+    /// Run a prompt suite: generate, score, check, compare with baselines, report.
+    Suite(suite::SuiteArgs),
+    /// Review, accept or reject pending baseline images.
+    Baseline(baseline::BaselineArgs),
+    /// Print the JSON Schema of suite files.
+    Schema(schema::SchemaArgs),
+    /// Merge JUnit files of partitioned runs into one.
+    MergeJunit(junit::MergeJunitArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -35,6 +47,10 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Suite(a) => suite::run(a),
+        Command::Baseline(a) => baseline::run(a),
+        Command::Schema(a) => schema::run(a),
+        Command::MergeJunit(a) => junit::run(a),
     }
 }
 

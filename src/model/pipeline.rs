@@ -87,6 +87,41 @@ pub struct Pipeline {
     fingerprint: std::cell::OnceCell<String>,
 }
 
+/// The files a pipeline is read from (configs and weights), without reading them: the basis of
+/// its fingerprint, so a cache can be checked before any model is loaded.
+pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
+    let root = &location.folder;
+    let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
+    let mut dirs = vec![root.join("text_encoder"), unet_dir, root.join("vae")];
+    if root.join("text_encoder_2").is_dir() {
+        dirs.push(root.join("text_encoder_2"));
+    }
+    let mut files = Vec::new();
+    for d in &dirs {
+        files.push(d.join("config.json"));
+        files.extend(weight_files(d)?);
+    }
+    let sched = root.join("scheduler").join("scheduler_config.json");
+    if sched.is_file() {
+        files.push(sched);
+    }
+    Ok(files)
+}
+
+/// The model's native image size (UNet sample size × VAE factor), from the configs alone.
+pub fn native_size(location: &ModelLocation) -> Result<(usize, usize)> {
+    let unet_dir = location.unet_folder.clone().unwrap_or_else(|| location.folder.join("unet"));
+    let unet: UNetConfig = read_config(&unet_dir.join("config.json"))?;
+    let vae: VaeConfig = read_config(&location.folder.join("vae").join("config.json"))?;
+    let s = unet.sample_size.unwrap_or(64) * vae.downscale();
+    Ok((s, s))
+}
+
+/// The fingerprint of a model without loading it.
+pub fn model_fingerprint(location: &ModelLocation) -> Result<String> {
+    fingerprint(&model_files(location)?)
+}
+
 /// Loads one component with its own LoRA-target registry.
 fn build<T>(
     store: &WeightStore,
@@ -158,18 +193,7 @@ impl Pipeline {
             targets.extend_prefixed("text_encoder_2", &t2);
             s
         });
-        let mut files = Vec::new();
-        let mut dirs = vec![root.join("text_encoder"), unet_dir.clone(), vae_dir.clone()];
-        if root.join("text_encoder_2").is_dir() {
-            dirs.push(root.join("text_encoder_2"));
-        }
-        for d in &dirs {
-            files.push(d.join("config.json"));
-            files.extend(weight_files(d)?);
-        }
-        if sched_path.is_file() {
-            files.push(sched_path.clone());
-        }
+        let files = model_files(location)?;
         let context_dim = unet_cfg.context_dim();
         let text_width = text_encoder.config.hidden_size
             + second.as_ref().map(|s| s.encoder.config.hidden_size).unwrap_or(0);
@@ -305,6 +329,18 @@ impl Pipeline {
         params: &GenerationParams,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
+        Ok(self.generate_checked(prompts, seeds, params, progress)?.0)
+    }
+
+    /// Like [`Pipeline::generate`], also saying which images went NaN during denoising (the
+    /// decoder's clamp would otherwise hide it as black pixels).
+    pub fn generate_checked(
+        &self,
+        prompts: &[&str],
+        seeds: &[u64],
+        params: &GenerationParams,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Tensor, Vec<bool>)> {
         if prompts.len() != seeds.len() {
             return Err(Error::invalid(format!("{} prompts but {} seeds", prompts.len(), seeds.len())));
         }
@@ -315,17 +351,21 @@ impl Pipeline {
         let f = self.vae_factor();
         let c = self.unet.config.in_channels;
         let mut out = Vec::new();
+        let mut nan = Vec::new();
         let total_steps = params.steps * prompts.len().div_ceil(self.max_batch);
         let mut done = 0;
         for (chunk_p, chunk_s) in prompts.chunks(self.max_batch).zip(seeds.chunks(self.max_batch)) {
-            let latents = initial_latents(chunk_s, c, params.height / f, params.width / f, &Device::Cpu)?
+            let noise = initial_latents(chunk_s, c, params.height / f, params.width / f, &Device::Cpu)?
                 .to_device(&self.device)?
                 .to_dtype(self.dtype)?;
             let mut step_progress = |s: usize, _t: usize| progress(done + s, total_steps);
-            out.push(self.generate_from_latents(chunk_p, &latents, params, &mut step_progress)?);
+            let latents = self.denoise(chunk_p, &noise, params, &mut step_progress)?;
+            let per_item = latents.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?;
+            nan.extend(per_item.iter().map(|row| row.iter().any(|v| !v.is_finite())));
+            out.push(self.vae.decode(&latents)?);
             done += params.steps;
         }
-        Ok(Tensor::cat(&out, 0)?)
+        Ok((Tensor::cat(&out, 0)?, nan))
     }
 
     /// The denoising loop from given initial latents (unscaled standard normal noise).

@@ -18,7 +18,7 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
 pub const BUILTIN_SCORER: &str = "tiny-clip";
 
 /// A pipeline to load: a diffusers folder, optionally with another folder's UNet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelLocation {
     /// The name the user wrote (`tiny`, or the path as given).
     pub name: String,
@@ -75,6 +75,9 @@ pub fn resolve_model(arg: &str) -> Result<ModelLocation> {
             }
             if p.exists() {
                 return Err(Error::model(&p, "not a diffusers pipeline folder (no model_index.json or unet/)"));
+            }
+            if path.contains(['/', '\\']) || path.starts_with('.') {
+                return Err(Error::model(&p, "model folder not found (is it downloaded, and is the path right?)"));
             }
             let known: Vec<&str> = BUILTIN_MODELS.iter().map(|(n, _)| *n).collect();
             Err(Error::invalid(format!(

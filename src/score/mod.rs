@@ -5,3 +5,4 @@ pub mod clip;
 pub mod resize;
 
 pub use clip::{ClipScorer, Scale};
+pub mod pixels;

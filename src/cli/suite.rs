@@ -1,0 +1,113 @@
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::device::{parse_device, parse_dtype};
+use crate::error::{Error, ExitCode, Result};
+use crate::harness::{RunOptions, project_root, run_suite};
+use crate::report;
+use crate::suite::{find_suite, load_suite};
+
+#[derive(Debug, Args)]
+pub struct SuiteArgs {
+    /// The suite file; `portrait.yaml` or `portrait` also finds `suites/portrait.yaml`.
+    suite: String,
+    /// CI mode: never write under baselines/ (also on when the CI variable is set).
+    #[arg(long)]
+    ci: bool,
+    /// Where reports and images go. Default: out/<suite>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The baselines folder. Default: baselines/ in the project that holds the suite.
+    #[arg(long)]
+    baselines: Option<PathBuf>,
+    /// Image cache folder. Default: $LORAGATE_CACHE or .loragate/cache in the project.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Regenerate everything; do not read or write the cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Run partition N of M (cases dealt round-robin, identity groups kept together).
+    #[arg(long, value_parser = parse_partition)]
+    partition: Option<(usize, usize)>,
+    /// Only cases whose name contains this.
+    #[arg(long = "case")]
+    filter: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, or f16/bf16 on a GPU.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Images per UNet batch (guidance doubles it).
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Only validate the suite and print its plan; generate nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+fn parse_partition(s: &str) -> std::result::Result<(usize, usize), String> {
+    let s = s.strip_prefix("count:").unwrap_or(s);
+    let (n, m) = s.split_once('/').ok_or_else(|| format!("`{s}` is not N/M, e.g. 1/3"))?;
+    let (n, m): (usize, usize) = (n.parse().map_err(|_| format!("bad N in `{s}`"))?, m.parse().map_err(|_| format!("bad M in `{s}`"))?);
+    if n == 0 || m == 0 || n > m {
+        return Err(format!("partition {n}/{m}: need 1 ≤ N ≤ M"));
+    }
+    Ok((n, m))
+}
+
+pub fn in_ci(flag: bool) -> bool {
+    flag || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+}
+
+pub fn run(a: SuiteArgs) -> Result<ExitCode> {
+    let path = find_suite(&a.suite).ok_or_else(|| {
+        Error::invalid(format!("suite `{}` not found (looked for it as given and under suites/)", a.suite))
+    })?;
+    let suite = load_suite(&path)?;
+    if a.check {
+        let plan = crate::suite::expand::expand(&suite)?;
+        println!("{}: {} cases, {} images to generate or find in the cache", suite.name, suite.cases.len(), plan.jobs.len());
+        for cp in &plan.cases {
+            let c = &suite.cases[cp.case];
+            let n: usize = cp.variants.iter().map(|v| v.images.len() + v.controls.len()).sum();
+            println!("  {:<28} {:<10} {} variants, {n} images", c.name, c.variant.kind(), cp.variants.len());
+        }
+        return Ok(ExitCode::Success);
+    }
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype, &device)?;
+    let root = project_root(&path);
+    let ci = in_ci(a.ci);
+    let opts = RunOptions {
+        ci,
+        device,
+        dtype,
+        cache_dir: if a.no_cache { None } else { Some(a.cache_dir.clone().unwrap_or_else(|| crate::harness::cache::default_cache_dir(&path))) },
+        baselines_dir: a.baselines.clone().unwrap_or_else(|| root.join("baselines")),
+        partition: a.partition,
+        filter: a.filter.clone(),
+        max_batch: a.max_batch,
+        progress: true,
+    };
+    let outcome = run_suite(&suite, &opts)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        let base = root.join("out").join(&suite.name);
+        match a.partition {
+            Some((n, m)) => base.join(format!("partition-{n}-of-{m}")),
+            None => base,
+        }
+    });
+    let paths = report::write_all(&outcome, &out)?;
+    let width = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(120);
+    print!("{}", report::console::table(&outcome, width));
+    for w in &outcome.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("report: {}\njunit:  {}", paths.html.display(), paths.junit.display());
+    if !outcome.pending.is_empty() {
+        println!("{} images pending review: loragate baseline review {}", outcome.pending.len(), suite.name);
+    }
+    Ok(if outcome.failed() > 0 { ExitCode::CheckFailed } else { ExitCode::Success })
+}

@@ -1,0 +1,155 @@
+//! A content-addressed cache of generated images and LoRA application reports.
+//!
+//! The key of an image hashes everything that determines its pixels: the model's fingerprint,
+//! each LoRA's file hash and weight in stack order, prompt, negative prompt, seed, size, steps,
+//! guidance, sampler, clip skip, device and dtype, and [`GENERATOR_VERSION`], which changes
+//! whenever the generation code could change pixels. Re-running an unchanged suite therefore
+//! generates nothing. Entries are written atomically; a corrupt entry is treated as a miss.
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::fsutil::{content_hash, write_atomic};
+use crate::imageio::{read_image, read_png_text, write_png};
+use crate::lora::ApplyReport;
+
+/// Bump when a change to the model code, sampler or noise could change generated pixels.
+pub const GENERATOR_VERSION: &str = "gen-1";
+
+/// What a cached image carries besides its pixels.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CacheMeta {
+    /// The float output had NaN values (they become 0 in the PNG).
+    pub had_nan: bool,
+    pub record: crate::record::GenerationRecord,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageCache {
+    dir: Option<PathBuf>,
+}
+
+/// The facts an image key is built from.
+#[derive(Debug, Serialize)]
+pub struct KeyParts<'a> {
+    pub model_fingerprint: &'a str,
+    pub loras: Vec<(&'a str, f64)>,
+    pub prompt: &'a str,
+    pub negative_prompt: &'a str,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub sampler: &'a str,
+    pub clip_skip: usize,
+    pub device: &'a str,
+    pub dtype: &'a str,
+}
+
+impl KeyParts<'_> {
+    pub fn key(&self) -> String {
+        let json = serde_json::to_string(self).expect("serialisable");
+        content_hash(format!("{GENERATOR_VERSION}|{json}").as_bytes())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredReport {
+    ok: Option<ApplyReportData>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ApplyReportData {
+    entries: Vec<(String, f64, usize, usize, usize, usize)>,
+}
+
+impl ImageCache {
+    /// A cache in `dir`, or a disabled one.
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        ImageCache { dir }
+    }
+
+    fn image_path(&self, key: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("images").join(&key[..2]).join(format!("{key}.png")))
+    }
+
+    pub fn get(&self, key: &str) -> Option<(RgbImage, CacheMeta)> {
+        let path = self.image_path(key)?;
+        if !path.is_file() {
+            return None;
+        }
+        let img = read_image(&path).ok()?;
+        let text = read_png_text(&path).ok()?;
+        let meta = text.iter().find(|(k, _)| k == "loragate-cache")?;
+        let meta: CacheMeta = serde_json::from_str(&meta.1).ok()?;
+        Some((img, meta))
+    }
+
+    pub fn put(&self, key: &str, img: &RgbImage, meta: &CacheMeta) -> Result<()> {
+        let Some(path) = self.image_path(key) else { return Ok(()) };
+        let mut text = meta.record.png_text();
+        text.push(("loragate-cache".into(), serde_json::to_string(meta).expect("serialisable")));
+        write_png(&path, img, &text)
+    }
+
+    fn report_path(&self, key: &str) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join("reports").join(format!("{key}.json")))
+    }
+
+    /// A cached LoRA application outcome: the report, or the mismatch message.
+    pub fn get_report(&self, key: &str) -> Option<std::result::Result<ApplyReport, String>> {
+        let path = self.report_path(key)?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let stored: StoredReport = serde_json::from_str(&text).ok()?;
+        match (stored.ok, stored.error) {
+            (Some(r), _) => Some(Ok(ApplyReport {
+                entries: r
+                    .entries
+                    .into_iter()
+                    .map(|(name, weight, ma, mt, ta, tt)| crate::lora::resolve::ApplyEntry {
+                        name,
+                        weight,
+                        modules_applied: ma,
+                        modules_total: mt,
+                        tensors_applied: ta,
+                        tensors_total: tt,
+                    })
+                    .collect(),
+            })),
+            (None, Some(e)) => Some(Err(e)),
+            _ => None,
+        }
+    }
+
+    pub fn put_report(&self, key: &str, outcome: &std::result::Result<ApplyReport, String>) -> Result<()> {
+        let Some(path) = self.report_path(key) else { return Ok(()) };
+        let stored = match outcome {
+            Ok(r) => StoredReport {
+                ok: Some(ApplyReportData {
+                    entries: r
+                        .entries
+                        .iter()
+                        .map(|e| (e.name.clone(), e.weight, e.modules_applied, e.modules_total, e.tensors_applied, e.tensors_total))
+                        .collect(),
+                }),
+                error: None,
+            },
+            Err(e) => StoredReport { ok: None, error: Some(e.clone()) },
+        };
+        write_atomic(&path, serde_json::to_string(&stored).expect("serialisable").as_bytes())
+    }
+}
+
+/// The default cache folder: `$LORAGATE_CACHE`, else `.loragate/cache` in the repository (or
+/// working directory) that holds `start`.
+pub fn default_cache_dir(start: &Path) -> PathBuf {
+    if let Ok(d) = std::env::var("LORAGATE_CACHE") {
+        return PathBuf::from(d);
+    }
+    crate::harness::project_root(start).join(".loragate").join("cache")
+}

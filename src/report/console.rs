@@ -1,0 +1,49 @@
+//! The final table printed to the terminal.
+
+use std::fmt::Write;
+
+use crate::harness::{Status, SuiteOutcome};
+
+fn tag(s: Status) -> &'static str {
+    match s {
+        Status::Passed => "PASS",
+        Status::Failed => "FAIL",
+        Status::Skipped => "SKIP",
+        Status::Error => "ERROR",
+    }
+}
+
+/// A table of every check, then the totals. `width` wraps long messages.
+pub fn table(o: &SuiteOutcome, width: usize) -> String {
+    let mut s = String::new();
+    let case_w = o.results.iter().map(|r| r.case.chars().count()).max().unwrap_or(4).clamp(4, 28);
+    let check_w = o.results.iter().map(|r| r.check.chars().count()).max().unwrap_or(5).clamp(5, 24);
+    let msg_w = width.saturating_sub(case_w + check_w + 12).max(30);
+    let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} {}", "", "case", "check", "result");
+    for r in &o.results {
+        let msg: String = r.message.chars().take(msg_w).collect();
+        let more = if r.message.chars().count() > msg_w { "…" } else { "" };
+        let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} {msg}{more}", tag(r.status), clip(&r.case, case_w), clip(&r.check, check_w));
+    }
+    let t = &o.timings;
+    let _ = writeln!(
+        s,
+        "\n{}: {} passed, {} failed, {} skipped · {} images ({} generated, {} cached) · generate {:.1}s, score {:.1}s, checks {:.1}s, baselines {:.1}s",
+        o.suite,
+        o.passed(),
+        o.failed(),
+        o.skipped(),
+        o.images_total,
+        o.generated,
+        o.cached,
+        t.generate,
+        t.score,
+        t.checks,
+        t.baselines
+    );
+    s
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { format!("{}…", s.chars().take(n - 1).collect::<String>()) }
+}

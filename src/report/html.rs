@@ -1,0 +1,154 @@
+//! One self-contained HTML review page: CSS and JS embedded, images inlined as data URIs, so it
+//! works offline and as a single CI artifact. For each case: the checks with their numbers and,
+//! per image, the baseline, the current image, the diff heat map and the no-LoRA control side
+//! by side. Failed cases come first; a search box and a "failures only" switch filter.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use base64::Engine;
+use image::RgbImage;
+
+use crate::error::Result;
+use crate::harness::{Evidence, Status, SuiteOutcome};
+use crate::imageio::encode_png;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn data_uri(img: &RgbImage) -> Result<String> {
+    let png = encode_png(img, &[])?;
+    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+}
+
+fn status_class(s: Status) -> &'static str {
+    match s {
+        Status::Passed => "pass",
+        Status::Failed => "fail",
+        Status::Skipped => "skip",
+        Status::Error => "fail",
+    }
+}
+
+const STYLE: &str = r#"
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:16px 24px;position:sticky;top:0;z-index:2}
+header h1{margin:0 0 4px;font-size:20px}
+.summary span{margin-right:14px}
+.controls{margin-top:8px}
+.controls input[type=search]{width:320px;padding:4px 8px;border-radius:4px;border:0}
+main{padding:16px 24px}
+.case{background:#fff;border-radius:8px;margin:0 0 16px;padding:12px 16px;box-shadow:0 1px 2px #0002;border-left:6px solid #2e9d57}
+.case.failed{border-left-color:#d33}
+.case h2{margin:0 0 8px;font-size:16px}
+table.checks{border-collapse:collapse;width:100%;margin-bottom:8px}
+table.checks td{padding:3px 6px;border-top:1px solid #eee;vertical-align:top}
+td.st{width:60px;font-weight:600}
+.pass{color:#2e9d57}.fail{color:#d33}.skip{color:#888}
+.shots{display:flex;flex-wrap:wrap;gap:14px}
+.shot{font-size:12px}
+.shot .row{display:flex;gap:4px}
+.shot figure{margin:0;text-align:center}
+.shot img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccc;background:#eee}
+.shot .missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;border:1px dashed #bbb;color:#999}
+.prompt{color:#555;font-family:ui-monospace,monospace;font-size:12px}
+.hidden{display:none}
+"#;
+
+const SCRIPT: &str = r#"
+const q=document.getElementById('q'),f=document.getElementById('failed');
+function apply(){const t=q.value.toLowerCase();for(const c of document.querySelectorAll('.case')){
+const hit=c.textContent.toLowerCase().includes(t);const ok=!f.checked||c.classList.contains('failed');
+c.classList.toggle('hidden',!(hit&&ok));}}
+q.addEventListener('input',apply);f.addEventListener('change',apply);
+"#;
+
+fn figure(label: &str, img: Option<&RgbImage>, extra: &str) -> Result<String> {
+    Ok(match img {
+        Some(i) => format!("<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i)?, esc(label), esc(label), extra),
+        None => format!("<figure><div class=\"missing\">no {}</div><figcaption>{}</figcaption></figure>", esc(label), esc(label)),
+    })
+}
+
+fn shot(e: &Evidence) -> Result<String> {
+    let mut s = String::new();
+    let score = e.baseline_score.map(|v| format!(" {v:.3}")).unwrap_or_default();
+    let clip = e.clip.map(|v| format!(" clip {v:.3}")).unwrap_or_default();
+    let _ = write!(s, "<div class=\"shot\"><div class=\"row\">");
+    s.push_str(&figure("baseline", e.baseline.as_ref(), "")?);
+    s.push_str(&figure("current", Some(&e.current), &clip)?);
+    s.push_str(&figure("diff", e.diff.as_ref(), &score)?);
+    if e.control.is_some() {
+        s.push_str(&figure("no LoRA", e.control.as_ref(), "")?);
+    }
+    let _ = write!(s, "</div><div>{}</div></div>", esc(&e.caption));
+    Ok(s)
+}
+
+pub fn to_html(o: &SuiteOutcome) -> Result<String> {
+    let mut cases: BTreeMap<&str, (bool, Vec<&crate::harness::CheckResult>, Vec<&Evidence>)> = BTreeMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for r in &o.results {
+        if !cases.contains_key(r.case.as_str()) {
+            order.push(&r.case);
+        }
+        let e = cases.entry(&r.case).or_default();
+        e.0 |= matches!(r.status, Status::Failed | Status::Error);
+        e.1.push(r);
+    }
+    for ev in &o.evidence {
+        if let Some(e) = cases.get_mut(ev.case.as_str()) {
+            e.2.push(ev);
+        }
+    }
+    // Failures first, otherwise suite order.
+    order.sort_by_key(|c| !cases[c].0);
+    let mut body = String::new();
+    for name in order {
+        let (failed, checks, shots) = &cases[name];
+        let _ = write!(body, "<section class=\"case{}\" id=\"case-{}\"><h2>{}</h2>", if *failed { " failed" } else { "" }, esc(name), esc(name));
+        if let Some(p) = shots.first() {
+            let _ = write!(body, "<div class=\"prompt\">{}</div>", esc(&p.prompt));
+        }
+        body.push_str("<table class=\"checks\">");
+        for r in checks {
+            let _ = write!(
+                body,
+                "<tr><td class=\"st {}\">{:?}</td><td>{}</td><td>{}</td></tr>",
+                status_class(r.status),
+                r.status,
+                esc(&r.check),
+                esc(&r.message)
+            );
+        }
+        body.push_str("</table><div class=\"shots\">");
+        for e in shots {
+            body.push_str(&shot(e)?);
+        }
+        body.push_str("</div></section>");
+    }
+    let verdict = if o.failed() == 0 { "passed" } else { "failed" };
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loragate · {} {verdict}</title><style>{STYLE}</style></head><body>\
+<header><h1>loragate · {} — {verdict}</h1><div class=\"summary\"><span class=\"pass\">{} passed</span><span class=\"fail\">{} failed</span><span>{} skipped</span>\
+<span>{} images ({} generated, {} cached)</span><span>scorer {} ({})</span><span>{}-{}</span></div>\
+<div class=\"controls\"><input id=\"q\" type=\"search\" placeholder=\"filter cases and checks…\"> <label><input id=\"failed\" type=\"checkbox\"> failures only</label></div></header>\
+<main>{body}</main><script>{SCRIPT}</script></body></html>",
+        esc(&o.suite),
+        esc(&o.suite),
+        o.passed(),
+        o.failed(),
+        o.skipped(),
+        o.images_total,
+        o.generated,
+        o.cached,
+        esc(&o.scorer),
+        o.scale.describe(),
+        o.device,
+        o.dtype
+    );
+    Ok(html)
+}

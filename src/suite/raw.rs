@@ -1,0 +1,268 @@
+//! A suite file as written: the YAML schema (documented in the README and emitted as JSON
+//! Schema by `loragate schema`). Values that need checking after parsing carry their source
+//! location (`Spanned`), so every error points at a line and column.
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::score::clip::Scale;
+
+/// A prompt suite: models, LoRAs, defaults, thresholds and cases.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSuite {
+    /// Suite name; names the baseline and output folders. Default: the file name.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Base models every case runs on unless it says otherwise: `tiny`, `tiny-sticker`, or a
+    /// diffusers folder. Default: `[tiny]`.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub models: Vec<Spanned<String>>,
+    /// CLIP scorer: `tiny-clip` (default) or a folder in the transformers CLIPModel layout.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub scorer: Option<Spanned<String>>,
+    /// The LoRAs cases refer to by name.
+    #[serde(default)]
+    pub loras: Vec<RawLora>,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub thresholds: RawThresholds,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    /// Identity groups: cases whose images must show the same character.
+    #[serde(default)]
+    pub identity_groups: Vec<RawIdentityGroup>,
+    pub cases: Vec<RawCase>,
+}
+
+/// A LoRA file and how it is used.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawLora {
+    /// The name cases use (`adapters: [zorb]`).
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    /// Path relative to the suite file.
+    #[schemars(with = "String")]
+    pub file: Spanned<String>,
+    /// Default weight when a case names the LoRA without one. Default 1.
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// The trigger word. CLIP has never seen it, so it is replaced by `class_word` (or removed)
+    /// in the text that CLIP scores, as DreamBooth evaluations do.
+    #[serde(default)]
+    pub trigger: Option<String>,
+    #[serde(default)]
+    pub class_word: Option<String>,
+}
+
+/// Generation settings for every case unless the case overrides them.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    /// Seeds; each case variant is generated once per seed. Default `[0, 1]`.
+    #[serde(default)]
+    pub seeds: Option<Vec<u64>>,
+    /// Denoising steps. Default 20.
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale. Default 5.
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    /// `WIDTHxHEIGHT`, multiples of 8. Default: the model's native size.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub size: Option<Spanned<String>>,
+    /// `ddim` (default) or `euler`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub sampler: Option<Spanned<String>>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub clip_skip: Option<usize>,
+    /// The LoRA stack every case uses unless it says otherwise: `name` or `name:weight`.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub adapters: Option<Vec<Spanned<String>>>,
+}
+
+/// How CLIP scores of several seeds combine into one number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregate {
+    Mean,
+    /// Best of N, as people pick the best of four images.
+    Best,
+    Min,
+}
+
+/// Pass/fail limits. Every field is optional; see the README for defaults and meanings.
+#[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawThresholds {
+    /// Minimum CLIP text–image score, in `clip_scale`.
+    #[serde(default)]
+    pub clip_floor: Option<f64>,
+    /// The scale `clip_floor` is written in: `cosine` (default), `torchmetrics` (100×), `clipscore` (2.5×).
+    #[serde(default)]
+    pub clip_scale: Option<Scale>,
+    /// How the seeds' scores combine: `mean` (default), `best`, `min`.
+    #[serde(default)]
+    pub clip_aggregate: Option<Aggregate>,
+    /// Largest allowed drop of the CLIP score against the no-LoRA control (same scale).
+    #[serde(default)]
+    pub control_drop: Option<f64>,
+    /// Smallest mean absolute pixel difference (0–1) from the control: the LoRA has an effect.
+    #[serde(default)]
+    pub effect: Option<f64>,
+    /// Smallest image similarity (0–1) between tag-order permutations.
+    #[serde(default)]
+    pub word_order: Option<f64>,
+    /// Smallest CLIP image–image cosine to identity references / within identity groups.
+    #[serde(default)]
+    pub identity: Option<f64>,
+    /// Smallest similarity (0–1) to the stored baseline image.
+    #[serde(default)]
+    pub baseline: Option<f64>,
+    /// Largest mean absolute pixel difference between a sweep's weight 0 and the base render.
+    #[serde(default)]
+    pub sweep_zero: Option<f64>,
+    /// Smallest pixel standard deviation (0–1) of an image that is not blank.
+    #[serde(default)]
+    pub blank: Option<f64>,
+}
+
+/// What to do when something cannot run as asked.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    /// A LoRA that cannot apply to a base model: `fail` (default), `skip`, or `expect` (the
+    /// suite asserts the LoRA is refused, e.g. an SD 1.5 LoRA on SDXL).
+    #[serde(default)]
+    pub incompatible_base: Option<IncompatiblePolicy>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncompatiblePolicy {
+    Fail,
+    Skip,
+    Expect,
+}
+
+/// One case: a prompt, optionally one variant kind, and checks.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCase {
+    /// Unique within the suite; letters, digits, `-`, `_`, `.`; names files.
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    #[schemars(with = "String")]
+    pub prompt: Spanned<String>,
+    /// The text CLIP scores, when it should differ from the prompt with triggers replaced.
+    #[serde(default)]
+    pub score_prompt: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub seeds: Option<Vec<u64>>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub guidance: Option<f64>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub size: Option<Spanned<String>>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub sampler: Option<Spanned<String>>,
+    #[serde(default)]
+    pub clip_skip: Option<usize>,
+    /// This case's LoRA stack (`[]` for none): `name` or `name:weight`, applied in order.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub adapters: Option<Vec<Spanned<String>>>,
+    /// Generate the same seeds without LoRAs and compare (default true when adapters are used).
+    #[serde(default)]
+    pub control: Option<bool>,
+    /// Variant: permutations of the comma-separated tags.
+    #[serde(default)]
+    #[schemars(with = "Option<RawWordOrder>")]
+    pub word_order: Option<Spanned<RawWordOrder>>,
+    /// Variant: a resolution ladder.
+    #[serde(default)]
+    pub ladder: Option<Vec<RawRung>>,
+    /// Variant: base-model swap (models to run on).
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub models: Option<Vec<Spanned<String>>>,
+    /// Variant: a weight sweep of one LoRA of the stack.
+    #[serde(default)]
+    #[schemars(with = "Option<RawSweep>")]
+    pub sweep: Option<Spanned<RawSweep>>,
+    /// Variant: failure-point bisection: words added to the prompt one at a time.
+    #[serde(default)]
+    pub bisect: Option<RawBisect>,
+    /// Reference images the LoRA's character must match (paths relative to the suite file).
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub references: Option<Vec<Spanned<String>>>,
+    /// Per-case threshold overrides.
+    #[serde(default)]
+    pub thresholds: Option<RawThresholds>,
+}
+
+/// Tag-order permutations: all of them up to `max` (default 24), or `sample` seeded ones.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawWordOrder {
+    #[serde(default)]
+    pub max: Option<usize>,
+    #[serde(default)]
+    pub sample: Option<usize>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+/// One rung of a resolution ladder, with an optional floor of its own.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRung {
+    #[schemars(with = "String")]
+    pub size: Spanned<String>,
+    #[serde(default)]
+    pub clip_floor: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawSweep {
+    /// The LoRA (by name) whose weight varies; the rest of the stack stays as it is.
+    pub lora: String,
+    pub weights: Vec<f64>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawBisect {
+    /// Words or tags appended to the prompt one at a time, in order.
+    pub add: Vec<String>,
+}
+
+/// Cases whose images must show the same character (the sword girl and the staff girl).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentityGroup {
+    #[schemars(with = "String")]
+    pub name: Spanned<String>,
+    #[schemars(with = "Vec<String>")]
+    pub cases: Vec<Spanned<String>>,
+}

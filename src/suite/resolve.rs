@@ -1,0 +1,529 @@
+//! Raw suite → validated [`Suite`]: defaults applied, names checked, models and LoRA files
+//! found and read, sizes and samplers parsed, variants expanded to their concrete lists.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_saphyr::Spanned;
+
+use super::raw::{self, RawCase, RawSuite, RawThresholds};
+use super::{AdapterUse, Case, IdentityGroup, ModelRef, Settings, Suite, SuiteLora, Thresholds, Variant};
+use crate::error::{Error, ExitCode, Result};
+use crate::lora::LoraFile;
+use crate::model::noise::Rng;
+use crate::model::resolve::{resolve_model, resolve_scorer};
+use crate::model::scheduler::SamplerKind;
+
+/// Builds located errors for one suite file.
+struct Ctx<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn err_at(&self, line: usize, column: usize, message: impl Into<String>, hint: Option<String>) -> Error {
+        Error::Suite { file: self.file.to_path_buf(), line, column, message: message.into(), hint, infrastructure: false }
+    }
+
+    fn err<T>(&self, at: &Spanned<T>, message: impl Into<String>, hint: Option<String>) -> Error {
+        self.err_at(at.referenced.line() as usize, at.referenced.column() as usize, message, hint)
+    }
+
+    /// A path written in the suite, relative to the suite's folder.
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() { p.to_path_buf() } else { self.dir.join(p) }
+    }
+}
+
+/// Reads, parses and validates a suite file.
+pub fn load_suite(path: &Path) -> Result<Suite> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_suite(path, &text)
+}
+
+/// Parses and validates suite text; `path` locates relative files and names the file in errors.
+pub fn parse_suite(path: &Path, text: &str) -> Result<Suite> {
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let ctx = Ctx { file: path, dir };
+    let raw: RawSuite = serde_saphyr::from_str(text).map_err(|e| yaml_error(&ctx, &e))?;
+    resolve(&ctx, raw)
+}
+
+fn yaml_error(ctx: &Ctx, e: &serde_saphyr::Error) -> Error {
+    let (line, column) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
+    let full = e.to_string();
+    let first = full.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // "line 4 column 5: unknown field ..." → "unknown field ..."
+    let message = match first.split_once(": ") {
+        Some((head, rest)) if head.starts_with("line ") => rest.to_string(),
+        _ => first.to_string(),
+    };
+    let hint = if message.contains("unknown field") {
+        Some("check the spelling; `loragate schema` prints every field a suite may have".to_string())
+    } else if message.contains("missing field") {
+        Some("add the field; the README's \"Suite files\" section shows a complete example".to_string())
+    } else if message.starts_with("invalid") {
+        Some("the value has the wrong type for this field; see `loragate schema`".to_string())
+    } else {
+        None
+    };
+    ctx.err_at(line, column, message, hint)
+}
+
+fn parse_size(ctx: &Ctx, s: &Spanned<String>) -> Result<(usize, usize)> {
+    let bad = || ctx.err(s, format!("`{}` is not a size", s.value), Some("write WIDTHxHEIGHT, e.g. 128x128".into()));
+    let (w, h) = s.value.split_once(['x', 'X']).ok_or_else(bad)?;
+    let (w, h): (usize, usize) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+        return Err(ctx.err(
+            s,
+            format!("size {w}x{h} is not a multiple of 8 (the VAE works on 8x8 pixel cells)"),
+            Some(format!("try {}x{}", w.max(8).div_ceil(8) * 8, h.max(8).div_ceil(8) * 8)),
+        ));
+    }
+    if w * h > 4096 * 4096 {
+        return Err(ctx.err(s, format!("size {w}x{h} is larger than 4096x4096"), None));
+    }
+    Ok((w, h))
+}
+
+fn parse_sampler(ctx: &Ctx, s: &Spanned<String>) -> Result<SamplerKind> {
+    SamplerKind::parse(&s.value).map_err(|e| ctx.err(s, e.to_string(), None))
+}
+
+fn check_name(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<()> {
+    super::check_file_name(&s.value).map_err(|why| {
+        ctx.err(s, format!("{what} `{}` {why}", s.value), Some(format!("{what}s name files; try `{}`", super::slug(&s.value))))
+    })
+}
+
+fn resolve_model_ref(ctx: &Ctx, s: &Spanned<String>) -> Result<ModelRef> {
+    let written = &s.value;
+    let arg = if crate::model::resolve::BUILTIN_MODELS.iter().any(|(n, _)| n == written) || written == "tiny-sd" {
+        written.clone()
+    } else {
+        ctx.path(written).to_string_lossy().into_owned()
+    };
+    match resolve_model(&arg) {
+        Ok(location) => Ok(ModelRef { name: written.clone(), location }),
+        Err(e) => {
+            // A model folder that is not there is an environment problem (exit 3); an unknown
+            // built-in name or a folder that is not a model is the suite's fault (exit 2).
+            let infrastructure = e.exit_code() == ExitCode::Infrastructure;
+            let mut err = ctx.err(
+                s,
+                format!("model `{written}`: {e}"),
+                Some("use a built-in model (tiny, tiny-sticker) or a diffusers folder relative to the suite file".into()),
+            );
+            if let Error::Suite { infrastructure: i, .. } = &mut err {
+                *i = infrastructure;
+            }
+            Err(err)
+        }
+    }
+}
+
+fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
+    let scale = raw.clip_scale.unwrap_or(base.clip_scale);
+    let to_cos = |v: Option<f64>, d: f64| v.map(|v| scale.to_cosine(v)).unwrap_or(d);
+    Thresholds {
+        clip_floor: to_cos(raw.clip_floor, base.clip_floor),
+        clip_scale: scale,
+        clip_aggregate: raw.clip_aggregate.unwrap_or(base.clip_aggregate),
+        control_drop: to_cos(raw.control_drop, base.control_drop),
+        effect: raw.effect.unwrap_or(base.effect),
+        word_order: raw.word_order.unwrap_or(base.word_order),
+        identity: raw.identity.unwrap_or(base.identity),
+        baseline: raw.baseline.unwrap_or(base.baseline),
+        sweep_zero: raw.sweep_zero.unwrap_or(base.sweep_zero),
+        blank: raw.blank.unwrap_or(base.blank),
+    }
+}
+
+fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
+    let unit = [("effect", t.effect), ("word_order", t.word_order), ("baseline", t.baseline), ("blank", t.blank), ("sweep_zero", t.sweep_zero)];
+    for (name, v) in unit {
+        if !(0.0..=1.0).contains(&v) {
+            return Err(ctx.err_at(line, 1, format!("threshold `{name}` is {v}; it must be between 0 and 1"), None));
+        }
+    }
+    for (name, v) in [("clip_floor", t.clip_floor), ("identity", t.identity)] {
+        if !(-1.0..=1.0).contains(&v) {
+            return Err(ctx.err_at(
+                line,
+                1,
+                format!("threshold `{name}` is {v} as a raw cosine, outside [-1, 1]"),
+                Some("if the value is in another scale, set `clip_scale: torchmetrics` (100×) or `clipscore` (2.5×)".into()),
+            ));
+        }
+    }
+    if !(0.0..=2.0).contains(&t.control_drop) {
+        return Err(ctx.err_at(line, 1, format!("threshold `control_drop` is {} as a raw cosine, outside [0, 2]", t.control_drop), None));
+    }
+    Ok(())
+}
+
+fn parse_adapters(
+    ctx: &Ctx,
+    list: &[Spanned<String>],
+    loras: &[SuiteLora],
+) -> Result<Vec<AdapterUse>> {
+    list.iter()
+        .map(|s| {
+            let (name, weight) = match s.value.rsplit_once(':') {
+                Some((n, w)) => {
+                    let w: f64 = w.trim().parse().map_err(|_| {
+                        ctx.err(s, format!("`{}`: weight `{w}` is not a number", s.value), Some("write name or name:weight, e.g. zorb:0.7".into()))
+                    })?;
+                    (n.trim(), Some(w))
+                }
+                None => (s.value.trim(), None),
+            };
+            let idx = loras.iter().position(|l| l.name == name).ok_or_else(|| {
+                let known: Vec<&str> = loras.iter().map(|l| l.name.as_str()).collect();
+                ctx.err(
+                    s,
+                    format!("no LoRA named `{name}`"),
+                    Some(if known.is_empty() {
+                        "declare it under `loras:` with a name and a file".into()
+                    } else {
+                        format!("known LoRAs: {}", known.join(", "))
+                    }),
+                )
+            })?;
+            let weight = weight.unwrap_or(loras[idx].weight);
+            if !weight.is_finite() {
+                return Err(ctx.err(s, "LoRA weight is not a finite number", None));
+            }
+            Ok(AdapterUse { lora: idx, weight })
+        })
+        .collect()
+}
+
+/// The text CLIP scores: triggers replaced by class words (or removed), tidy commas.
+pub fn score_text(prompt: &str, loras: &[&SuiteLora]) -> String {
+    let mut tags: Vec<String> = prompt.split(',').map(|t| t.trim().to_string()).collect();
+    for l in loras {
+        if let Some(trigger) = &l.trigger {
+            for t in &mut tags {
+                let words: Vec<String> = t
+                    .split_whitespace()
+                    .map(|w| if w.eq_ignore_ascii_case(trigger) { l.class_word.clone().unwrap_or_default() } else { w.to_string() })
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                *t = words.join(" ");
+            }
+        }
+    }
+    tags.retain(|t| !t.is_empty());
+    tags.join(", ")
+}
+
+/// Tag-order permutations: the original first, then the others.
+fn permutations(ctx: &Ctx, case: &RawCase, spec: &Spanned<raw::RawWordOrder>) -> Result<Vec<String>> {
+    let tags: Vec<String> = case.prompt.value.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+    if tags.len() < 2 {
+        return Err(ctx.err(spec, "word_order needs a prompt of at least two comma-separated tags", None));
+    }
+    let n = tags.len();
+    let total: usize = (1..=n).try_fold(1usize, |acc, k| acc.checked_mul(k)).unwrap_or(usize::MAX);
+    let order_prompt = |order: &[usize]| order.iter().map(|&i| tags[i].as_str()).collect::<Vec<_>>().join(", ");
+    if let Some(k) = spec.value.sample {
+        if k < 2 {
+            return Err(ctx.err(spec, "word_order.sample must be at least 2 (the original order and one other)", None));
+        }
+        let k = k.min(total);
+        let mut rng = Rng::new(spec.value.seed.unwrap_or(0));
+        let mut seen: BTreeSet<Vec<usize>> = BTreeSet::new();
+        let ident: Vec<usize> = (0..n).collect();
+        seen.insert(ident.clone());
+        let mut out = vec![order_prompt(&ident)];
+        let mut tries = 0;
+        while out.len() < k && tries < 10_000 {
+            tries += 1;
+            let mut order = ident.clone();
+            rng.shuffle(&mut order);
+            if seen.insert(order.clone()) {
+                out.push(order_prompt(&order));
+            }
+        }
+        return Ok(out);
+    }
+    let max = spec.value.max.unwrap_or(24);
+    if total > max {
+        return Err(ctx.err(
+            spec,
+            format!("{n} tags have {total} orders, more than max {max}"),
+            Some(format!("raise `max`, or use `sample: N` for N seeded orders (e.g. sample: {})", max.min(8))),
+        ));
+    }
+    // Heap's algorithm gives every permutation; the identity comes first.
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut c = vec![0usize; n];
+    let mut out = vec![order_prompt(&order)];
+    let mut i = 0;
+    while i < n {
+        if c[i] < i {
+            if i % 2 == 0 { order.swap(0, i) } else { order.swap(c[i], i) }
+            out.push(order_prompt(&order));
+            c[i] += 1;
+            i = 0;
+        } else {
+            c[i] = 0;
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
+    let name = match &raw.name {
+        Some(n) => {
+            check_name(ctx, n, "suite name")?;
+            n.value.clone()
+        }
+        None => {
+            let stem = ctx.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "suite".into());
+            super::check_file_name(&stem).map_err(|why| {
+                ctx.err_at(1, 1, format!("the file name `{stem}` {why} and the suite has no `name:`"), Some(format!("add `name: {}`", super::slug(&stem))))
+            })?;
+            stem
+        }
+    };
+    let scorer_arg = raw.scorer.as_ref().map(|s| s.value.clone()).unwrap_or_else(|| crate::model::resolve::BUILTIN_SCORER.into());
+    let scorer_path = {
+        let arg = if scorer_arg == crate::model::resolve::BUILTIN_SCORER { scorer_arg.clone() } else { ctx.path(&scorer_arg).to_string_lossy().into_owned() };
+        resolve_scorer(&arg).map_err(|e| match &raw.scorer {
+            Some(s) => ctx.err(s, e.to_string(), Some("use `tiny-clip` or a CLIPModel folder relative to the suite".into())),
+            None => ctx.err_at(1, 1, e.to_string(), None),
+        })?
+    };
+
+    // LoRAs: names unique, files readable and valid.
+    let mut loras: Vec<SuiteLora> = Vec::new();
+    let mut cache: HashMap<PathBuf, Arc<LoraFile>> = HashMap::new();
+    for l in &raw.loras {
+        if loras.iter().any(|x| x.name == l.name.value) {
+            return Err(ctx.err(&l.name, format!("LoRA name `{}` is used twice", l.name.value), None));
+        }
+        if l.name.value.contains(':') || l.name.value.trim().is_empty() {
+            return Err(ctx.err(&l.name, "a LoRA name must be non-empty and must not contain `:`", None));
+        }
+        let path = ctx.path(&l.file.value);
+        if !path.is_file() {
+            return Err(ctx.err(
+                &l.file,
+                format!("LoRA file `{}` not found (looked at {})", l.file.value, path.display()),
+                Some("paths are relative to the suite file".into()),
+            ));
+        }
+        let file = match cache.get(&path) {
+            Some(f) => f.clone(),
+            None => {
+                let f = Arc::new(LoraFile::load(&path).map_err(|e| ctx.err(&l.file, e.to_string(), None))?);
+                cache.insert(path.clone(), f.clone());
+                f
+            }
+        };
+        let weight = l.weight.unwrap_or(1.0);
+        if !weight.is_finite() {
+            return Err(ctx.err(&l.name, "weight is not a finite number", None));
+        }
+        loras.push(SuiteLora {
+            name: l.name.value.clone(),
+            file,
+            weight,
+            trigger: l.trigger.clone().filter(|t| !t.trim().is_empty()),
+            class_word: l.class_word.clone(),
+        });
+    }
+
+    let suite_models: Vec<ModelRef> = if raw.models.is_empty() {
+        vec![ModelRef { name: "tiny".into(), location: resolve_model("tiny")? }]
+    } else {
+        raw.models.iter().map(|m| resolve_model_ref(ctx, m)).collect::<Result<_>>()?
+    };
+
+    let d = &raw.defaults;
+    let defaults = Settings {
+        seeds: d.seeds.clone().unwrap_or_else(|| vec![0, 1]),
+        steps: d.steps.unwrap_or(20),
+        guidance: d.guidance.unwrap_or(5.0),
+        size: d.size.as_ref().map(|s| parse_size(ctx, s)).transpose()?,
+        sampler: d.sampler.as_ref().map(|s| parse_sampler(ctx, s)).transpose()?.unwrap_or_default(),
+        negative_prompt: d.negative_prompt.clone().unwrap_or_default(),
+        clip_skip: d.clip_skip.unwrap_or(1),
+    };
+    let default_adapters = match &d.adapters {
+        Some(list) => parse_adapters(ctx, list, &loras)?,
+        None => Vec::new(),
+    };
+    let suite_thresholds = thresholds(&Thresholds::default(), &raw.thresholds);
+    check_thresholds(ctx, &suite_thresholds, 1)?;
+
+    let mut cases = Vec::with_capacity(raw.cases.len());
+    let mut names = BTreeSet::new();
+    if raw.cases.is_empty() {
+        return Err(ctx.err_at(1, 1, "the suite has no cases", Some("add a `cases:` list with at least one case".into())));
+    }
+    for rc in &raw.cases {
+        check_name(ctx, &rc.name, "case name")?;
+        if !names.insert(rc.name.value.clone()) {
+            return Err(ctx.err(&rc.name, format!("case name `{}` is used twice", rc.name.value), None));
+        }
+        cases.push(resolve_case(ctx, rc, &defaults, &default_adapters, &loras, &suite_models, &suite_thresholds)?);
+    }
+
+    let mut identity_groups = Vec::new();
+    for g in &raw.identity_groups {
+        if g.cases.len() < 2 {
+            return Err(ctx.err(&g.name, "an identity group needs at least two cases", None));
+        }
+        for c in &g.cases {
+            if !names.contains(&c.value) {
+                return Err(ctx.err(c, format!("identity group `{}` names no case `{}`", g.name.value, c.value), None));
+            }
+        }
+        check_name(ctx, &g.name, "identity group name")?;
+        identity_groups.push(IdentityGroup { name: g.name.value.clone(), cases: g.cases.iter().map(|c| c.value.clone()).collect() });
+    }
+
+    Ok(Suite {
+        name,
+        file: ctx.file.to_path_buf(),
+        description: raw.description.clone(),
+        scorer: (scorer_arg, scorer_path),
+        loras,
+        cases,
+        identity_groups,
+        incompatible_base: raw.policy.incompatible_base.unwrap_or(raw::IncompatiblePolicy::Fail),
+    })
+}
+
+fn resolve_case(
+    ctx: &Ctx,
+    rc: &RawCase,
+    defaults: &Settings,
+    default_adapters: &[AdapterUse],
+    loras: &[SuiteLora],
+    suite_models: &[ModelRef],
+    suite_thresholds: &Thresholds,
+) -> Result<Case> {
+    let line = rc.name.referenced.line() as usize;
+    if rc.prompt.value.trim().is_empty() {
+        return Err(ctx.err(&rc.prompt, "the prompt is empty", None));
+    }
+    let settings = Settings {
+        seeds: rc.seeds.clone().unwrap_or_else(|| defaults.seeds.clone()),
+        steps: rc.steps.unwrap_or(defaults.steps),
+        guidance: rc.guidance.unwrap_or(defaults.guidance),
+        size: match &rc.size {
+            Some(s) => Some(parse_size(ctx, s)?),
+            None => defaults.size,
+        },
+        sampler: rc.sampler.as_ref().map(|s| parse_sampler(ctx, s)).transpose()?.unwrap_or(defaults.sampler),
+        negative_prompt: rc.negative_prompt.clone().unwrap_or_else(|| defaults.negative_prompt.clone()),
+        clip_skip: rc.clip_skip.unwrap_or(defaults.clip_skip),
+    };
+    if settings.seeds.is_empty() {
+        return Err(ctx.err(&rc.name, "the case has no seeds", Some("give `seeds: [0, 1]` or remove the empty list".into())));
+    }
+    if settings.steps == 0 || settings.steps > 1000 {
+        return Err(ctx.err(&rc.name, format!("steps must be between 1 and 1000, got {}", settings.steps), None));
+    }
+    if !settings.guidance.is_finite() {
+        return Err(ctx.err(&rc.name, "guidance is not a finite number", None));
+    }
+    let adapters = match &rc.adapters {
+        Some(list) => parse_adapters(ctx, list, loras)?,
+        None => default_adapters.to_vec(),
+    };
+    let mut thresholds = thresholds(suite_thresholds, rc.thresholds.as_ref().unwrap_or(&RawThresholds::default()));
+    if rc.thresholds.as_ref().is_some_and(|t| t.clip_scale.is_none()) {
+        thresholds.clip_scale = suite_thresholds.clip_scale;
+    }
+    check_thresholds(ctx, &thresholds, line)?;
+
+    let kinds = [
+        rc.word_order.is_some(),
+        rc.ladder.is_some(),
+        rc.models.is_some(),
+        rc.sweep.is_some(),
+        rc.bisect.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() > 1 {
+        return Err(ctx.err(
+            &rc.name,
+            "a case can have one variant (word_order, ladder, models, sweep or bisect)",
+            Some("split it into one case per variant".into()),
+        ));
+    }
+    let mut models = suite_models.to_vec();
+    let variant = if let Some(spec) = &rc.word_order {
+        Variant::WordOrder { prompts: permutations(ctx, rc, spec)? }
+    } else if let Some(rungs) = &rc.ladder {
+        if rungs.is_empty() {
+            return Err(ctx.err(&rc.name, "the ladder has no rungs", None));
+        }
+        let scale = thresholds.clip_scale;
+        let rungs = rungs
+            .iter()
+            .map(|r| Ok((parse_size(ctx, &r.size)?, r.clip_floor.map(|f| scale.to_cosine(f)))))
+            .collect::<Result<Vec<_>>>()?;
+        Variant::Ladder { rungs }
+    } else if let Some(ms) = &rc.models {
+        if ms.is_empty() {
+            return Err(ctx.err(&rc.name, "`models` is empty", None));
+        }
+        models = ms.iter().map(|m| resolve_model_ref(ctx, m)).collect::<Result<_>>()?;
+        Variant::BaseSwap
+    } else if let Some(sw) = &rc.sweep {
+        let adapter = adapters.iter().position(|a| loras[a.lora].name == sw.value.lora).ok_or_else(|| {
+            ctx.err(sw, format!("the sweep's LoRA `{}` is not in this case's adapters", sw.value.lora), Some("add it to `adapters`".into()))
+        })?;
+        if sw.value.weights.len() < 2 || sw.value.weights.iter().any(|w| !w.is_finite()) {
+            return Err(ctx.err(sw, "a sweep needs at least two finite weights", None));
+        }
+        Variant::Sweep { adapter, weights: sw.value.weights.clone() }
+    } else if let Some(b) = &rc.bisect {
+        if b.add.is_empty() {
+            return Err(ctx.err(&rc.name, "bisect.add is empty", None));
+        }
+        Variant::Bisect { add: b.add.clone() }
+    } else {
+        Variant::Single
+    };
+    let references = match &rc.references {
+        Some(list) => list
+            .iter()
+            .map(|r| {
+                let p = ctx.path(&r.value);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None))
+                }
+            })
+            .collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let used: Vec<&SuiteLora> = adapters.iter().map(|a| &loras[a.lora]).collect();
+    let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&rc.prompt.value, &used));
+    Ok(Case {
+        name: rc.name.value.clone(),
+        prompt: rc.prompt.value.clone(),
+        score_text,
+        settings,
+        control: rc.control.unwrap_or(!adapters.is_empty()) && !adapters.is_empty(),
+        adapters,
+        models,
+        variant,
+        references,
+        thresholds,
+        line,
+    })
+}
