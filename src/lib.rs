@@ -12,3 +12,4 @@ pub mod device;
 pub mod imageio;
 pub mod progress;
 pub mod record;
+pub mod world;
