@@ -2,6 +2,7 @@
 
 mod generate;
 mod inspect;
+mod world;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +21,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a LoRA file: format, rank, alpha, targets, probable base family, metadata.
     Inspect(inspect::InspectArgs),
+    /// The shapes world: write training sets, render the ground truth for a prompt.
+    World(world::WorldArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -35,6 +38,7 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::World(a) => world::run(a),
     }
 }
 
