@@ -44,12 +44,73 @@ fn sticker() -> RenderOptions {
     RenderOptions { resolution: RES, style: Style::Sticker }
 }
 
+/// The tables as the reference README states them, pinned literally.
+#[test]
+fn tables_match_the_reference() {
+    let colors: [(Color, [u8; 3]); 8] = [
+        (Color::Red, [220, 40, 40]),
+        (Color::Green, [40, 170, 60]),
+        (Color::Blue, [40, 80, 220]),
+        (Color::Yellow, [240, 210, 40]),
+        (Color::Purple, [140, 60, 200]),
+        (Color::Orange, [245, 140, 30]),
+        (Color::White, [245, 245, 245]),
+        (Color::Black, [25, 25, 25]),
+    ];
+    assert_eq!(Color::ALL.len(), colors.len());
+    for (c, rgb) in colors {
+        assert_eq!(c.rgb(), rgb, "{c}");
+    }
+    let backgrounds: [(Background, [u8; 3], [u8; 3]); 6] = [
+        (Background::White, [250, 250, 250], [250, 250, 250]),
+        (Background::Black, [12, 12, 12], [12, 12, 12]),
+        (Background::Sky, [110, 170, 245], [200, 230, 255]),
+        (Background::Grass, [120, 200, 100], [40, 110, 40]),
+        (Background::Sunset, [250, 160, 70], [110, 50, 130]),
+        (Background::Night, [15, 20, 60], [5, 5, 25]),
+    ];
+    assert_eq!(Background::ALL.len(), backgrounds.len());
+    for (b, top, bottom) in backgrounds {
+        assert_eq!(b.gradient(), (top, bottom), "{b}");
+        assert_eq!(b.has_stars(), b == Background::Night);
+    }
+    assert_eq!((Size::Small.radius(), Size::Large.radius()), (0.11, 0.22));
+    let positions = [
+        (Position::Center, (0.5, 0.5), "in the center"),
+        (Position::Left, (0.28, 0.5), "on the left"),
+        (Position::Right, (0.72, 0.5), "on the right"),
+        (Position::Top, (0.5, 0.28), "at the top"),
+        (Position::Bottom, (0.5, 0.72), "at the bottom"),
+    ];
+    for (p, xy, tag) in positions {
+        assert_eq!((p.center(), p.tag()), (xy, tag));
+    }
+    assert_eq!(Concept::Zorb.color(), [230, 60, 200]);
+    assert_eq!(Concept::Zorb.dot_color(), [250, 220, 40]);
+    let mut clashing: Vec<(Color, Background)> = CLASHES.to_vec();
+    clashing.sort();
+    assert_eq!(
+        clashing,
+        vec![
+            (Color::Green, Background::Grass),
+            (Color::Blue, Background::Sky),
+            (Color::Orange, Background::Sunset),
+            (Color::White, Background::White),
+            (Color::Black, Background::Black),
+            (Color::Black, Background::Night),
+        ]
+    );
+}
+
 #[test]
 fn large_red_circle_in_the_center_on_sky() {
     let a = attrs(Color::Red, Shape::Circle, Size::Large, Position::Center, Background::Sky);
     let img = render(&a, &plain(), &mut Rng::new(1));
     assert_eq!(img.dimensions(), (RES, RES));
     assert_eq!(px(&img, 64, 64), [220, 40, 40]);
+    // The sky runs from (110, 170, 245) to (200, 230, 255); pixel rows are sampled at their centres.
+    let t = 0.5 / 128.0;
+    assert_near(px(&img, 0, 0), [110.0 + 90.0 * t, 170.0 + 60.0 * t, 245.0 + 10.0 * t], 0.51, "top-left, literal");
     assert_near(px(&img, 0, 0), gradient_at(Background::Sky, 0, RES), 0.51, "top-left corner");
     assert_near(px(&img, 127, 127), gradient_at(Background::Sky, 127, RES), 0.51, "bottom-right corner");
     assert_near(px(&img, 0, 64), gradient_at(Background::Sky, 64, RES), 0.51, "left edge, middle row");
@@ -89,6 +150,28 @@ fn positions_move_the_object() {
             assert_eq!(px(&img, (ox * RES as f32) as u32, (oy * RES as f32) as u32), [12, 12, 12], "{other:?}");
         }
     }
+}
+
+#[test]
+fn placement_jitter_stays_within_its_bounds() {
+    let mut rng = Rng::new(8);
+    let (mut max_shift, mut min_scale, mut max_scale) = (0f32, f32::MAX, 0f32);
+    for &position in Position::ALL {
+        for &size in Size::ALL {
+            let a = attrs(Color::Red, Shape::Circle, size, position, Background::Night);
+            for _ in 0..400 {
+                let p = Placement::draw(&a, &mut rng);
+                let (x, y) = position.center();
+                max_shift = max_shift.max((p.cx - x).abs()).max((p.cy - y).abs());
+                let scale = p.radius / size.radius();
+                (min_scale, max_scale) = (min_scale.min(scale), max_scale.max(scale));
+                assert!(p.stars.iter().all(|&(sx, sy)| (0.0..1.0).contains(&sx) && (0.0..1.0).contains(&sy)));
+            }
+        }
+    }
+    assert!(max_shift <= 0.03 + 1e-6 && max_shift > 0.029, "centre jitter {max_shift}");
+    assert!(min_scale >= 0.9 - 1e-6 && min_scale < 0.91, "radius scale down to {min_scale}");
+    assert!(max_scale <= 1.1 + 1e-6 && max_scale > 1.09, "radius scale up to {max_scale}");
 }
 
 #[test]
@@ -163,8 +246,10 @@ fn zorb_is_a_magenta_ring_with_a_yellow_dot() {
     for (x, y) in [(64 + 22, 64), (64 - 22, 64), (64, 64 + 22), (64, 64 - 22), (80, 80)] {
         assert_eq!(px(&img, x, y), magenta, "ring at ({x}, {y})");
     }
+    // The dot's radius is 0.28 r = 7.9 px: 7 px out is yellow, 9 px out is the hole.
     assert_eq!(px(&img, 64, 64), [250, 220, 40]);
-    assert_eq!(px(&img, 67, 64), [250, 220, 40]);
+    assert_eq!(px(&img, 64 + 7, 64), [250, 220, 40]);
+    assert_near(px(&img, 64 + 9, 64), gradient_at(Background::Sky, 64, RES), 0.51, "just outside the dot");
     assert_near(px(&img, 64 + 12, 64), gradient_at(Background::Sky, 64, RES), 0.51, "hole");
     assert_near(px(&img, 64 + 32, 64), gradient_at(Background::Sky, 64, RES), 0.51, "outside");
     // The sampled colour of a concept is never drawn.
@@ -214,6 +299,8 @@ fn triangle_points_up_and_diamond_and_square_differ() {
     let sq = render_placed(&Attributes { shape: Shape::Square, ..a }, &fixed_placement(0.22), &plain());
     let di = render_placed(&Attributes { shape: Shape::Diamond, ..a }, &fixed_placement(0.22), &plain());
     assert_eq!(px(&sq, 64 + 22, 64 - 22), green);
+    assert_eq!(px(&sq, 64 + 23, 64), green);
+    assert_eq!(px(&sq, 64 + 25, 64), white);
     assert_eq!(px(&di, 64 + 22, 64 - 22), white);
     // The diamond reaches 1.2r = 33.8 px along the axes, beyond the square.
     assert_eq!(px(&di, 64 + 31, 64), green);
