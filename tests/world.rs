@@ -170,7 +170,7 @@ fn placement_jitter_stays_within_its_bounds() {
         }
     }
     assert!(max_shift <= 0.03 + 1e-6 && max_shift > 0.029, "centre jitter {max_shift}");
-    assert!(min_scale >= 0.9 - 1e-6 && min_scale < 0.91, "radius scale down to {min_scale}");
+    assert!((0.9 - 1e-6..0.91).contains(&min_scale), "radius scale down to {min_scale}");
     assert!(max_scale <= 1.1 + 1e-6 && max_scale > 1.09, "radius scale up to {max_scale}");
 }
 

@@ -131,7 +131,15 @@ fn dataset_refuses_a_non_empty_folder_unless_overwrite() {
     assert!(o.status.success(), "{}", stderr(&o));
     // The stale samples 2..5 are gone; files that are not samples stay.
     assert_eq!(sorted_names(&out), vec!["0000.png", "0000.txt", "0001.png", "0001.txt", "notes.md"]);
+
+    // Overwriting a kohya dataset with other repeats warns about the old image folder.
+    let kohya = temp("overwrite-kohya");
+    assert!(loragate(&["world", "dataset", "--count", "2", "--out", s(&kohya), "--repeats", "3"]).status.success());
+    let o = loragate(&["world", "dataset", "--count", "2", "--out", s(&kohya), "--repeats", "5", "--overwrite"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("3_shapes is another kohya image folder"), "{}", stderr(&o));
     std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(kohya).unwrap();
 }
 
 #[test]
@@ -173,6 +181,8 @@ fn render_writes_the_ground_truth_for_a_prompt() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("ground truth: red circle, large, in the center, sky background"));
+    let text = loragate::imageio::read_png_text(&file).unwrap();
+    assert!(text.iter().any(|(k, v)| k == "loragate-world" && v.contains("\"seed\":1")), "{text:?}");
     let img = image::open(&file).unwrap().to_rgb8();
     assert_eq!(img.dimensions(), (128, 128));
     assert_eq!(img.get_pixel(64, 64).0, [220, 40, 40]);

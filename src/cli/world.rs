@@ -97,15 +97,9 @@ fn parse_concept(name: &str) -> Result<Concept> {
         .ok_or_else(|| Error::invalid(format!("unknown concept `{name}`; known concepts: {}", Concept::known_names())))
 }
 
-/// Text chunks that record the ground truth in each PNG.
-fn png_text(full: &str, caption: &str, style: Style, image_seed: u64) -> Vec<(String, String)> {
-    let json = serde_json::json!({
-        "ground_truth": full,
-        "caption": caption,
-        "style": style.name(),
-        "image_seed": image_seed,
-    });
-    vec![("loragate-world".into(), json.to_string())]
+/// The text chunk that records an image's ground truth in its PNG.
+fn png_text(facts: serde_json::Value) -> Vec<(String, String)> {
+    vec![("loragate-world".into(), facts.to_string())]
 }
 
 fn dataset(a: DatasetArgs) -> Result<ExitCode> {
@@ -137,7 +131,10 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
     let result = spec.plan().par_iter().try_for_each(|s| {
         let img = s.render(&options);
         let full = full_caption(&s.attributes, &TagKind::CANONICAL);
-        write_png(&name(s.index, "png"), &img, &png_text(&full, &s.caption, a.style, s.image_seed))?;
+        let facts = serde_json::json!({
+            "ground_truth": full, "caption": s.caption, "style": a.style.name(), "image_seed": s.image_seed,
+        });
+        write_png(&name(s.index, "png"), &img, &png_text(facts))?;
         write_text_atomic(&name(s.index, "txt"), &s.caption)?;
         progress.inc(1);
         Ok::<_, Error>(())
@@ -147,6 +144,7 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
 
     if a.overwrite {
         remove_stale(&folder, a.count)?;
+        warn_other_kohya_folders(&a.out, &folder);
     }
     eprintln!(
         "wrote {} images with captions ({} style, {} px) to {}",
@@ -195,12 +193,27 @@ fn remove_stale(folder: &Path, count: usize) -> Result<()> {
     Ok(())
 }
 
+/// kohya trains every `N_name` folder under the dataset root, so an old one left next to the
+/// new one would silently join the training set.
+fn warn_other_kohya_folders(root: &Path, folder: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let repeats = name.split_once('_').is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if path.is_dir() && repeats && path != folder {
+            eprintln!("warning: {} is another kohya image folder; trainers will use it too", path.display());
+        }
+    }
+}
+
 fn render(a: RenderArgs) -> Result<ExitCode> {
     check_resolution(a.resolution)?;
     let options = RenderOptions { resolution: a.resolution, style: a.style };
     let (attributes, img) = render_prompt(&a.prompt, a.seed, &options)?;
     let full = full_caption(&attributes, &TagKind::CANONICAL);
-    write_png(&a.output, &img, &png_text(&full, &a.prompt, a.style, a.seed))?;
+    let facts =
+        serde_json::json!({ "ground_truth": full, "prompt": a.prompt, "style": a.style.name(), "seed": a.seed });
+    write_png(&a.output, &img, &png_text(facts))?;
     eprintln!("ground truth: {full}");
     println!("{}", a.output.display());
     Ok(ExitCode::Success)
