@@ -17,3 +17,4 @@ pub mod suite;
 pub mod harness;
 pub mod baseline;
 pub mod report;
+pub mod world;

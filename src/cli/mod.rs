@@ -6,6 +6,7 @@ mod inspect;
 mod junit;
 pub mod schema;
 mod suite;
+mod world;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,8 @@ enum Command {
     Schema(schema::SchemaArgs),
     /// Merge JUnit files of partitioned runs into one.
     MergeJunit(junit::MergeJunitArgs),
+    /// The shapes world: write training sets, render the ground truth for a prompt.
+    World(world::WorldArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -51,6 +54,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Baseline(a) => baseline::run(a),
         Command::Schema(a) => schema::run(a),
         Command::MergeJunit(a) => junit::run(a),
+        Command::World(a) => world::run(a),
     }
 }
 
