@@ -104,7 +104,13 @@ fn case_checks(inp: &Inputs, case: &Case, cp: &CasePlan) -> Result<Vec<CheckResu
             let r = match inp.generation.reports.get(&sk) {
                 Some(Ok(report)) => {
                     let all = report.entries.iter().all(|e| e.tensors_applied == e.tensors_total);
-                    let msg = report.to_string();
+                    // The stored report may come from another weight of the same files.
+                    let msg = report
+                        .entries
+                        .iter()
+                        .map(|e| format!("{}: {} of {} tensors applied ({} of {} modules)", e.name, e.tensors_applied, e.tensors_total, e.modules_applied, e.modules_total))
+                        .collect::<Vec<_>>()
+                        .join("; ");
                     match (all, policy) {
                         (true, IncompatiblePolicy::Expect) => {
                             result(case, &name, Status::Failed, format!("expected {} to refuse the LoRA, but it applied: {msg}", v.model.name))

@@ -220,6 +220,10 @@ pub fn score_text(prompt: &str, loras: &[&SuiteLora]) -> String {
         }
     }
     tags.retain(|t| !t.is_empty());
+    if tags.is_empty() {
+        // Nothing but a trigger: CLIP gets the prompt as written rather than an empty text.
+        return prompt.trim().to_string();
+    }
     tags.join(", ")
 }
 
