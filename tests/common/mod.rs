@@ -48,3 +48,4 @@ pub fn shared_loras() -> PathBuf {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+pub mod junit_schema;
