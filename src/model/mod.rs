@@ -19,6 +19,7 @@ pub mod params;
 pub mod pipeline;
 pub mod resolve;
 pub mod scheduler;
+pub mod single_file;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

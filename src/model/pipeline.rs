@@ -15,9 +15,10 @@ use crate::model::noise::initial_latents;
 use crate::model::params::{Params, WeightStore};
 use crate::model::resolve::ModelLocation;
 use crate::model::scheduler::{NoiseSchedule, SamplerKind, ScheduleConfig};
-use crate::model::text_encoder::{LayerChoice, TextConfig, TextEncoder};
+use crate::model::text_encoder::{LayerChoice, TextEncoder};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::unet::{AddedConditioning, UNet, UNetConfig};
+use crate::model::single_file::Converted;
 use crate::model::vae::{Vae, VaeConfig, normalize_vae_keys};
 
 /// How to generate, apart from the prompts and seeds.
@@ -90,6 +91,9 @@ pub struct Pipeline {
 /// The files a pipeline is read from (configs and weights), without reading them: the basis of
 /// its fingerprint, so a cache can be checked before any model is loaded.
 pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
+    if let Some(f) = &location.single_file {
+        return Ok(vec![f.clone()]);
+    }
     let root = &location.folder;
     let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
     let mut dirs = vec![root.join("text_encoder"), unet_dir, root.join("vae")];
@@ -110,6 +114,22 @@ pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
 
 /// The model's native image size (UNet sample size × VAE factor), from the configs alone.
 pub fn native_size(location: &ModelLocation) -> Result<(usize, usize)> {
+    if let Some(f) = &location.single_file {
+        let (shapes, meta) = crate::model::single_file::read_header(f)?;
+        if let Some(c) = meta.get("loragate.configs") {
+            let v: serde_json::Value = serde_json::from_str(c).map_err(|e| Error::model(f, e.to_string()))?;
+            let unet: UNetConfig = serde_json::from_value(v["unet"].clone()).map_err(|e| Error::model(f, e.to_string()))?;
+            let vae: VaeConfig = serde_json::from_value(v["vae"].clone()).map_err(|e| Error::model(f, e.to_string()))?;
+            let s = unet.sample_size.unwrap_or(64) * vae.downscale();
+            return Ok((s, s));
+        }
+        let s = match crate::model::single_file::detect_family(&shapes).map_err(|e| Error::model(f, e.to_string()))? {
+            Family::Sdxl => 1024,
+            Family::Sd2 => 768,
+            _ => 512,
+        };
+        return Ok((s, s));
+    }
     let unet_dir = location.unet_folder.clone().unwrap_or_else(|| location.folder.join("unet"));
     let unet: UNetConfig = read_config(&unet_dir.join("config.json"))?;
     let vae: VaeConfig = read_config(&location.folder.join("vae").join("config.json"))?;
@@ -148,43 +168,49 @@ pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
 }
 
 impl Pipeline {
-    /// Loads a diffusers pipeline folder (see [`ModelLocation`]).
+    /// Loads a pipeline: a diffusers folder or a single-file checkpoint (see [`ModelLocation`]).
     pub fn load(location: &ModelLocation, dtype: DType, device: &Device) -> Result<Self> {
-        let root = &location.folder;
-        let index: serde_json::Value = if root.join("model_index.json").is_file() {
-            read_config(&root.join("model_index.json"))?
-        } else {
-            serde_json::Value::Null
+        let parts = match &location.single_file {
+            Some(file) => crate::model::single_file::convert(file, dtype, device)?,
+            None => parts_from_folder(location, dtype, device)?,
         };
-        let sched_path = root.join("scheduler").join("scheduler_config.json");
-        let sched_cfg: ScheduleConfig =
-            if sched_path.is_file() { read_config(&sched_path)? } else { ScheduleConfig::default() };
-        let schedule = NoiseSchedule::new(&sched_cfg).map_err(|e| Error::model(&sched_path, e.to_string()))?;
+        Self::from_parts(location, parts, dtype, device)
+    }
 
-        let tokenizer = Tokenizer::from_dir(&root.join("tokenizer"))?;
-        let (text_encoder, te_targets) = load_text_encoder(&root.join("text_encoder"), false, dtype, device)?;
-        let second = if root.join("text_encoder_2").is_dir() {
-            let tok2 = Tokenizer::from_dir(&root.join("tokenizer_2"))?;
-            let (enc2, t2) = load_text_encoder(&root.join("text_encoder_2"), true, dtype, device)?;
-            Some((SecondEncoder { tokenizer: tok2, encoder: enc2 }, t2))
-        } else {
-            None
+    /// Builds the pipeline from components in the diffusers layout.
+    pub fn from_parts(location: &ModelLocation, parts: Converted, dtype: DType, device: &Device) -> Result<Self> {
+        let origin = location.single_file.clone().unwrap_or_else(|| location.folder.clone());
+        let schedule = NoiseSchedule::new(&parts.schedule).map_err(|e| Error::model(&origin, e.to_string()))?;
+        let at = |what: &str| origin.join(what);
+
+        let mut te = parts.text_encoder;
+        normalize_text_encoder_keys(&mut te);
+        let store = WeightStore::from_tensors(at("text_encoder"), te, dtype, device);
+        let (text_encoder, te_targets) =
+            build(&store, |p| TextEncoder::load(p, &parts.text_config, false)).map_err(|e| at_component(e, &at("text_encoder")))?;
+        let second = match parts.second {
+            Some((cfg2, mut te2, tok2)) => {
+                normalize_text_encoder_keys(&mut te2);
+                let with_projection = te2.contains_key("text_projection.weight");
+                let store = WeightStore::from_tensors(at("text_encoder_2"), te2, dtype, device);
+                let (enc2, t2) = build(&store, |p| TextEncoder::load(p, &cfg2, with_projection))
+                    .map_err(|e| at_component(e, &at("text_encoder_2")))?;
+                Some((SecondEncoder { tokenizer: tok2, encoder: enc2 }, t2))
+            }
+            None => None,
         };
 
-        let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
-        let unet_cfg: UNetConfig = read_config(&unet_dir.join("config.json"))?;
-        let unet_tensors = load_component_tensors(&unet_dir, dtype, device)?;
-        let store = WeightStore::from_tensors(&unet_dir, unet_tensors, dtype, device);
+        let unet_cfg = parts.unet_config;
+        let unet_origin = location.unet_folder.clone().unwrap_or_else(|| at("unet"));
+        let store = WeightStore::from_tensors(&unet_origin, parts.unet, dtype, device);
         let (unet, unet_targets) =
-            build(&store, |p| UNet::load(p, &unet_cfg)).map_err(|e| at_component(e, &unet_dir))?;
+            build(&store, |p| UNet::load(p, &unet_cfg)).map_err(|e| at_component(e, &unet_origin))?;
         warn_unused(&store);
 
-        let vae_dir = root.join("vae");
-        let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
-        let mut vae_tensors = load_component_tensors(&vae_dir, dtype, device)?;
+        let mut vae_tensors = parts.vae;
         normalize_vae_keys(&mut vae_tensors);
-        let store = WeightStore::from_tensors(&vae_dir, vae_tensors, dtype, device);
-        let (vae, _vae_targets) = build(&store, |p| Vae::load(p, &vae_cfg)).map_err(|e| at_component(e, &vae_dir))?;
+        let store = WeightStore::from_tensors(at("vae"), vae_tensors, dtype, device);
+        let (vae, _vae_targets) = build(&store, |p| Vae::load(p, &parts.vae_config)).map_err(|e| at_component(e, &at("vae")))?;
 
         let mut targets = AdapterTargets::default();
         targets.extend_prefixed("unet", &unet_targets);
@@ -199,14 +225,14 @@ impl Pipeline {
             + second.as_ref().map(|s| s.encoder.config.hidden_size).unwrap_or(0);
         if text_width != context_dim {
             return Err(Error::model(
-                root,
+                &origin,
                 format!("the text encoder(s) give {text_width} features but the UNet's cross-attention expects {context_dim}"),
             ));
         }
         Ok(Pipeline {
             location: location.clone(),
             family: Family::from_unet(&unet_cfg),
-            tokenizer,
+            tokenizer: parts.tokenizer,
             text_encoder,
             second,
             unet,
@@ -216,7 +242,7 @@ impl Pipeline {
             device: device.clone(),
             dtype,
             max_batch: 8,
-            force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
+            force_zeros_for_empty_prompt: parts.force_zeros_for_empty_prompt,
             warnings: RefCell::new(Vec::new()),
             files,
             fingerprint: std::cell::OnceCell::new(),
@@ -437,18 +463,36 @@ impl Pipeline {
     }
 }
 
-fn load_text_encoder(
-    dir: &Path,
-    with_projection: bool,
-    dtype: DType,
-    device: &Device,
-) -> Result<(TextEncoder, AdapterTargets)> {
-    let cfg: TextConfig = read_config(&dir.join("config.json"))?;
-    let mut tensors = load_component_tensors(dir, dtype, device)?;
-    normalize_text_encoder_keys(&mut tensors);
-    let with_projection = with_projection && tensors.contains_key("text_projection.weight");
-    let store = WeightStore::from_tensors(dir, tensors, dtype, device);
-    build(&store, |p| TextEncoder::load(p, &cfg, with_projection)).map_err(|e| at_component(e, dir))
+/// Reads the components of a diffusers folder.
+pub fn parts_from_folder(location: &ModelLocation, dtype: DType, device: &Device) -> Result<Converted> {
+    let root = &location.folder;
+    let index: serde_json::Value =
+        if root.join("model_index.json").is_file() { read_config(&root.join("model_index.json"))? } else { serde_json::Value::Null };
+    let sched_path = root.join("scheduler").join("scheduler_config.json");
+    let schedule: ScheduleConfig = if sched_path.is_file() { read_config(&sched_path)? } else { ScheduleConfig::default() };
+    let te_dir = root.join("text_encoder");
+    let second = if root.join("text_encoder_2").is_dir() {
+        let d = root.join("text_encoder_2");
+        Some((read_config(&d.join("config.json"))?, load_component_tensors(&d, dtype, device)?, Tokenizer::from_dir(&root.join("tokenizer_2"))?))
+    } else {
+        None
+    };
+    let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
+    let vae_dir = root.join("vae");
+    let unet_config: UNetConfig = read_config(&unet_dir.join("config.json"))?;
+    Ok(Converted {
+        family: Family::from_unet(&unet_config),
+        unet_config,
+        unet: load_component_tensors(&unet_dir, dtype, device)?,
+        vae_config: read_config(&vae_dir.join("config.json"))?,
+        vae: load_component_tensors(&vae_dir, dtype, device)?,
+        text_config: read_config(&te_dir.join("config.json"))?,
+        text_encoder: load_component_tensors(&te_dir, dtype, device)?,
+        tokenizer: Tokenizer::from_dir(&root.join("tokenizer"))?,
+        second,
+        schedule,
+        force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
+    })
 }
 
 fn at_component(e: Error, dir: &Path) -> Error {

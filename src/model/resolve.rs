@@ -1,8 +1,12 @@
-//! Turning what a user writes after `--model` into folders on disk.
+//! Turning what a user writes after `--model` into files on disk, offline.
 //!
-//! Built-in names resolve to the embedded shapes-world models in `assets/tinyworld/`, found by
-//! walking up from the working directory (so any folder inside the repository works), then
-//! beside the executable's source tree, then `$LORAGATE_ASSETS`.
+//! - Built-in names resolve to the embedded shapes-world models in `assets/tinyworld/`, found by
+//!   walking up from the working directory (so any folder inside the repository works), then
+//!   `$LORAGATE_ASSETS`, then the source tree the binary was built from.
+//! - A folder is a diffusers pipeline folder.
+//! - A `.safetensors` file is a single-file checkpoint (A1111/ComfyUI), converted in memory.
+//! - `org/name` (optionally `@revision`) is looked up in the Hugging Face cache
+//!   (`$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`), never downloaded.
 
 use std::path::{Path, PathBuf};
 
@@ -17,78 +21,168 @@ pub const BUILTIN_MODELS: &[(&str, &str)] = &[
 /// The built-in CLIP scorer.
 pub const BUILTIN_SCORER: &str = "tiny-clip";
 
-/// A pipeline to load: a diffusers folder, optionally with another folder's UNet.
+/// A pipeline to load.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelLocation {
-    /// The name the user wrote (`tiny`, or the path as given).
+    /// The name the user wrote (`tiny`, a path, `org/name`).
     pub name: String,
+    /// The diffusers folder (for a single file: the folder that holds it).
     pub folder: PathBuf,
+    /// Another folder's UNet to use instead of `folder/unet` (the sticker fine-tune).
     pub unet_folder: Option<PathBuf>,
+    /// A single-file checkpoint to convert instead of reading `folder`.
+    pub single_file: Option<PathBuf>,
 }
 
-/// Finds `assets/tinyworld`.
-pub fn assets_dir() -> Result<PathBuf> {
+impl ModelLocation {
+    fn folder(name: &str, folder: PathBuf) -> Self {
+        ModelLocation { name: name.to_string(), folder, unet_folder: None, single_file: None }
+    }
+}
+
+/// Finds the `assets/` folder of the repository.
+pub fn assets_root() -> Result<PathBuf> {
+    let ok = |p: &Path| p.join("tinyworld").join("tiny-sd").is_dir();
     if let Ok(p) = std::env::var("LORAGATE_ASSETS") {
         let p = PathBuf::from(p);
-        if p.join("tiny-sd").is_dir() {
+        // Accept both `assets/` and `assets/tinyworld/`.
+        if ok(&p) {
             return Ok(p);
+        }
+        if let Some(parent) = p.parent().filter(|parent| ok(parent)) {
+            return Ok(parent.to_path_buf());
         }
     }
     if let Ok(cwd) = std::env::current_dir() {
         for dir in cwd.ancestors() {
-            let p = dir.join("assets").join("tinyworld");
-            if p.join("tiny-sd").is_dir() {
+            let p = dir.join("assets");
+            if ok(&p) {
                 return Ok(p);
             }
         }
     }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join("tinyworld");
-    if built.join("tiny-sd").is_dir() {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    if ok(&built) {
         return Ok(built);
     }
     Err(Error::model(
         "assets/tinyworld",
         "the embedded models were not found: run inside the loragate repository, or set LORAGATE_ASSETS \
-         to the assets/tinyworld folder",
+         to its assets folder",
     ))
 }
 
-/// Resolves a model argument: a built-in name or a diffusers pipeline folder.
+/// Finds `assets/tinyworld`.
+pub fn assets_dir() -> Result<PathBuf> {
+    Ok(assets_root()?.join("tinyworld"))
+}
+
+/// OpenAI CLIP's BPE merge list, the tokenizer of single-file SD checkpoints.
+pub fn clip_vocab_path() -> Result<PathBuf> {
+    Ok(assets_root()?.join("clip").join("bpe_simple_vocab_16e6.txt.gz"))
+}
+
+/// The Hugging Face hub cache folder, as huggingface_hub finds it.
+pub fn hf_hub_cache() -> PathBuf {
+    if let Ok(p) = std::env::var("HF_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(p) = std::env::var("HUGGINGFACE_HUB_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Ok(home) = std::env::var("HF_HOME") {
+        return PathBuf::from(home).join("hub");
+    }
+    let base = std::env::var("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache"));
+    base.join("huggingface").join("hub")
+}
+
+/// Does `arg` look like a hub id (`org/name`, `org/name@rev`) rather than a path?
+pub fn looks_like_hub_id(arg: &str) -> bool {
+    let id = arg.split('@').next().unwrap_or(arg);
+    let parts: Vec<&str> = id.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        && !id.starts_with('.')
+        && !arg.contains('\\')
+}
+
+/// Resolves `org/name[@rev]` to its snapshot folder in the hub cache.
+pub fn resolve_hub_id(arg: &str) -> Result<PathBuf> {
+    let (id, rev) = match arg.split_once('@') {
+        Some((i, r)) => (i, r.to_string()),
+        None => (arg, "main".to_string()),
+    };
+    let cache = hf_hub_cache();
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let how = format!(
+        "download it where the network is reachable (`huggingface-cli download {id}` or `hf download {id}`) and \
+         copy the cache here, or point HF_HUB_CACHE / HF_HOME at a cache that has it"
+    );
+    if !repo.is_dir() {
+        return Err(Error::model(&repo, format!("`{id}` is not in the Hugging Face cache ({}); {how}", cache.display())));
+    }
+    // A branch or tag name resolves through refs/; a commit hash names the snapshot directly.
+    let commit = match std::fs::read_to_string(repo.join("refs").join(&rev)) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) => rev.clone(),
+    };
+    let snap = repo.join("snapshots").join(&commit);
+    if snap.is_dir() {
+        return Ok(snap);
+    }
+    Err(Error::model(&repo, format!("revision `{rev}` of `{id}` is not in the cache; {how}")))
+}
+
+/// Resolves a model argument (see the module docs).
 pub fn resolve_model(arg: &str) -> Result<ModelLocation> {
     match arg {
-        "tiny" | "tiny-sd" => {
-            let a = assets_dir()?;
-            Ok(ModelLocation { name: "tiny".into(), folder: a.join("tiny-sd"), unet_folder: None })
-        }
+        "tiny" | "tiny-sd" => Ok(ModelLocation::folder("tiny", assets_dir()?.join("tiny-sd"))),
         "tiny-sticker" | "tiny-sd-sticker" => {
             let a = assets_dir()?;
-            Ok(ModelLocation {
-                name: "tiny-sticker".into(),
-                folder: a.join("tiny-sd"),
-                unet_folder: Some(a.join("tiny-sd-sticker").join("unet")),
-            })
+            Ok(ModelLocation { unet_folder: Some(a.join("tiny-sd-sticker").join("unet")), ..ModelLocation::folder("tiny-sticker", a.join("tiny-sd")) })
         }
         path => {
             let p = PathBuf::from(path);
+            if p.is_file() {
+                let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+                return match ext.as_str() {
+                    "safetensors" => Ok(ModelLocation {
+                        single_file: Some(p.clone()),
+                        ..ModelLocation::folder(path, p.parent().map(Path::to_path_buf).unwrap_or_default())
+                    }),
+                    "ckpt" | "pt" | "pth" | "bin" => Err(Error::model(
+                        &p,
+                        "PyTorch pickle checkpoints are not loaded (they can run code); convert it to .safetensors first",
+                    )),
+                    _ => Err(Error::model(&p, "not a .safetensors checkpoint")),
+                };
+            }
             if p.join("model_index.json").is_file() || p.join("unet").is_dir() {
-                return Ok(ModelLocation { name: path.to_string(), folder: p, unet_folder: None });
+                return Ok(ModelLocation::folder(path, p));
             }
             if p.exists() {
                 return Err(Error::model(&p, "not a diffusers pipeline folder (no model_index.json or unet/)"));
+            }
+            if looks_like_hub_id(path) {
+                return Ok(ModelLocation::folder(path, resolve_hub_id(path)?));
             }
             if path.contains(['/', '\\']) || path.starts_with('.') {
                 return Err(Error::model(&p, "model folder not found (is it downloaded, and is the path right?)"));
             }
             let known: Vec<&str> = BUILTIN_MODELS.iter().map(|(n, _)| *n).collect();
             Err(Error::invalid(format!(
-                "unknown model `{path}`: not a folder, and not a built-in name ({})",
+                "unknown model `{path}`: not a file or folder, not a built-in name ({}), not a hub id (org/name)",
                 known.join(", ")
             )))
         }
     }
 }
 
-/// Resolves a CLIP scorer argument: `tiny-clip` or a folder in the transformers `CLIPModel` layout.
+/// Resolves a CLIP scorer argument: `tiny-clip`, a folder in the transformers `CLIPModel`
+/// layout, or a hub id (`openai/clip-vit-large-patch14`) in the cache.
 pub fn resolve_scorer(arg: &str) -> Result<PathBuf> {
     if arg == BUILTIN_SCORER {
         return Ok(assets_dir()?.join("tiny-clip"));
@@ -97,7 +191,24 @@ pub fn resolve_scorer(arg: &str) -> Result<PathBuf> {
     if p.join("config.json").is_file() {
         return Ok(p);
     }
+    if !p.exists() && looks_like_hub_id(arg) {
+        return resolve_hub_id(arg);
+    }
     Err(Error::invalid(format!(
-        "unknown CLIP scorer `{arg}`: not a folder with config.json, and not `{BUILTIN_SCORER}`"
+        "unknown CLIP scorer `{arg}`: not a folder with config.json, not a cached hub id, and not `{BUILTIN_SCORER}`"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_told_from_paths() {
+        assert!(looks_like_hub_id("stabilityai/stable-diffusion-xl-base-1.0"));
+        assert!(looks_like_hub_id("openai/clip-vit-base-patch32@main"));
+        assert!(!looks_like_hub_id("./models/sd15"));
+        assert!(!looks_like_hub_id("models/sd15/unet"));
+        assert!(!looks_like_hub_id("tiny"));
+    }
 }

@@ -276,10 +276,18 @@ fn causal_mask(n: usize, device: &Device, dtype: DType) -> Result<Tensor> {
 }
 
 /// Index of the first end-of-text token of each row (the last index when there is none).
+/// Configs written by old transformers versions say `eos_token_id: 2`; like transformers, those
+/// take the position of the highest id, which is CLIP's end token.
 fn eos_positions(ids: &Tensor, eos: u32) -> Result<Vec<usize>> {
     let rows = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
     Ok(rows
         .iter()
-        .map(|r| r.iter().position(|&t| t == eos).unwrap_or(r.len() - 1))
+        .map(|r| {
+            if eos == 2 {
+                r.iter().enumerate().max_by_key(|(i, t)| (**t, std::cmp::Reverse(*i))).map(|(i, _)| i).unwrap_or(0)
+            } else {
+                r.iter().position(|&t| t == eos).unwrap_or(r.len() - 1)
+            }
+        })
         .collect())
 }

@@ -133,6 +133,36 @@ impl Tokenizer {
         Self::build(vocab_path, vocab, merges, true, CLIP_PATTERN)
     }
 
+    /// OpenAI CLIP's tokenizer from its gzipped merge list (`bpe_simple_vocab_16e6.txt.gz`):
+    /// the vocabulary is the 256 byte symbols, the same with `</w>`, the first 48,894 merges,
+    /// then the start and end tokens (49,408 ids, as CLIP builds it).
+    pub fn from_clip_bpe_gz(path: &Path) -> Result<Self> {
+        use std::io::Read;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut text)
+            .map_err(|e| Error::model(path, format!("not a gzipped merge list: {e}")))?;
+        const MERGES: usize = 49152 - 256 - 2;
+        let merges: Vec<(String, String)> = text
+            .lines()
+            .skip(1)
+            .take(MERGES)
+            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+            .collect();
+        if merges.len() != MERGES {
+            return Err(Error::model(path, format!("{} merges, expected {MERGES}", merges.len())));
+        }
+        let mut symbols: Vec<String> = byte_symbols_in_clip_order().into_iter().map(String::from).collect();
+        let with_end: Vec<String> = symbols.iter().map(|s| format!("{s}</w>")).collect();
+        symbols.extend(with_end);
+        symbols.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+        symbols.push("<|startoftext|>".into());
+        symbols.push("<|endoftext|>".into());
+        let vocab = symbols.into_iter().enumerate().map(|(i, s)| (s, i as u32)).collect();
+        Self::build(path, vocab, merges, true, CLIP_PATTERN)
+    }
+
     fn build(
         path: &Path,
         vocab: HashMap<String, u32>,
@@ -154,6 +184,14 @@ impl Tokenizer {
             pad: eos,
             context: 77,
         })
+    }
+
+    /// The vocabulary and the merges in rank order (what `vocab.json` and `merges.txt` hold).
+    pub fn export_vocab_and_merges(&self) -> (std::collections::BTreeMap<String, u32>, Vec<(String, String)>) {
+        let vocab = self.vocab.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let mut merges: Vec<(&(String, String), &usize)> = self.merges.iter().collect();
+        merges.sort_by_key(|(_, r)| **r);
+        (vocab, merges.into_iter().map(|(p, _)| p.clone()).collect())
     }
 
     /// BPE of one pre-tokenized word into vocabulary symbols.
@@ -218,6 +256,16 @@ impl Tokenizer {
     }
 }
 
+/// The byte symbols in the order CLIP's vocabulary lists them: printable bytes first, in byte
+/// order, then the remapped ones.
+fn byte_symbols_in_clip_order() -> Vec<char> {
+    let map = bytes_to_unicode();
+    let printable = |b: usize| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut out: Vec<char> = (0..256).filter(|&b| printable(b)).map(|b| map[b]).collect();
+    out.extend((0..256).filter(|&b| !printable(b)).map(|b| map[b]));
+    out
+}
+
 /// GPT-2/CLIP's reversible byte → printable-character map.
 fn bytes_to_unicode() -> [char; 256] {
     let mut map = ['\0'; 256];
@@ -232,4 +280,44 @@ fn bytes_to_unicode() -> [char; 256] {
         };
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clip() -> Tokenizer {
+        Tokenizer::from_clip_bpe_gz(&crate::model::resolve::clip_vocab_path().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn clip_vocabulary_gives_openai_ids() {
+        let t = clip();
+        assert_eq!((t.bos, t.eos), (49406, 49407));
+        // As `clip.tokenize` gives them (OpenAI CLIP README and model card examples).
+        let cases: [(&str, &[u32]); 4] = [
+            ("a diagram", &[320, 22697]),
+            ("a dog", &[320, 1929]),
+            ("a cat", &[320, 2368]),
+            ("a photo of a cat", &[320, 1125, 539, 320, 2368]),
+        ];
+        for (text, want) in cases {
+            assert_eq!(t.tokens(text).0, want, "{text}");
+        }
+        let e = t.encode("a dog");
+        assert_eq!(&e.ids[..4], &[49406, 320, 1929, 49407]);
+        assert_eq!(e.ids.len(), 77);
+        assert!(e.ids[4..].iter().all(|&i| i == 49407), "SD 1.x pads with the end token");
+    }
+
+    #[test]
+    fn long_prompts_keep_the_end_token_and_say_so() {
+        let t = clip();
+        let long = vec!["cat"; 100].join(" ");
+        let e = t.encode(&long);
+        assert!(e.truncated);
+        assert_eq!(e.prompt_tokens, 100);
+        assert_eq!(e.ids[76], 49407);
+        assert_eq!(e.ids.len(), 77);
+    }
 }

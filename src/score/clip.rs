@@ -167,17 +167,10 @@ impl ClipScorer {
         let mut tensors = load_component_tensors(dir, DType::F32, device)?;
         normalize_text_encoder_keys(&mut tensors);
         let store = WeightStore::from_tensors(dir, tensors, DType::F32, device);
-        let targets = RefCell::new(Default::default());
-        let p = Params::root(&store, &targets);
-        let mut text_cfg = cfg.text_config.clone();
-        text_cfg.projection_dim = Some(cfg.projection_dim);
-        let text = TextEncoder::load(&p, &text_cfg, true).map_err(|e| model_err(e, dir))?;
-        let vision = VisionTower::load(&p, &cfg.vision_config).map_err(|e| model_err(e, dir))?;
-        let visual_projection = Linear::load(&p.pp("visual_projection"), cfg.vision_config.hidden_size, cfg.projection_dim, false)
-            .map_err(|e| model_err(e, dir))?;
-        let mut tokenizer = Tokenizer::from_dir(dir)?;
-        tokenizer.context = text_cfg.max_position_embeddings.min(tokenizer.context);
-        let (mut mean, mut std, mut image_size) = (OPENAI_MEAN, OPENAI_STD, cfg.vision_config.image_size);
+        let tokenizer = Tokenizer::from_dir(dir)?;
+        let mut files = weight_files(dir)?;
+        files.push(dir.join("config.json"));
+        let mut scorer = Self::build(dir, &cfg, &store, tokenizer, files, device)?;
         let pre = dir.join("preprocessor_config.json");
         if pre.is_file() {
             let v: serde_json::Value = read_config(&pre)?;
@@ -185,28 +178,54 @@ impl ClipScorer {
                 let a = v[k].as_array()?;
                 Some([a.first()?.as_f64()? as f32, a.get(1)?.as_f64()? as f32, a.get(2)?.as_f64()? as f32])
             };
-            mean = three("image_mean").unwrap_or(mean);
-            std = three("image_std").unwrap_or(std);
+            scorer.mean = three("image_mean").unwrap_or(scorer.mean);
+            scorer.std = three("image_std").unwrap_or(scorer.std);
             if let Some(s) = v["crop_size"]["height"].as_u64().or_else(|| v["crop_size"].as_u64()) {
-                image_size = s as usize;
+                scorer.image_size = s as usize;
             }
         }
-        let mut files = weight_files(dir)?;
-        files.push(dir.join("config.json"));
+        Ok(scorer)
+    }
+
+    /// A scorer of the architecture in `config_json` (a transformers CLIPModel config) with
+    /// seeded random weights and OpenAI CLIP's tokenizer: for tests of real layouts
+    /// (ViT-B/32, ViT-L/14) without their weights.
+    pub fn with_random_weights(config_json: &str, seed: u64, device: &Device) -> Result<Self> {
+        let cfg: ClipConfig = serde_json::from_str(config_json).map_err(|e| Error::invalid(format!("CLIP config: {e}")))?;
+        let store = WeightStore::random(seed, DType::F32, device);
+        let tokenizer = Tokenizer::from_clip_bpe_gz(&crate::model::resolve::clip_vocab_path()?)?;
+        Self::build(Path::new("<random>"), &cfg, &store, tokenizer, Vec::new(), device)
+    }
+
+    fn build(dir: &Path, cfg: &ClipConfig, store: &WeightStore, mut tokenizer: Tokenizer, files: Vec<PathBuf>, device: &Device) -> Result<Self> {
+        let targets = RefCell::new(Default::default());
+        let p = Params::root(store, &targets);
+        let mut text_cfg = cfg.text_config.clone();
+        text_cfg.projection_dim = Some(cfg.projection_dim);
+        let text = TextEncoder::load(&p, &text_cfg, true).map_err(|e| model_err(e, dir))?;
+        let vision = VisionTower::load(&p, &cfg.vision_config).map_err(|e| model_err(e, dir))?;
+        let visual_projection = Linear::load(&p.pp("visual_projection"), cfg.vision_config.hidden_size, cfg.projection_dim, false)
+            .map_err(|e| model_err(e, dir))?;
+        tokenizer.context = text_cfg.max_position_embeddings.min(tokenizer.context);
         Ok(ClipScorer {
             path: dir.to_path_buf(),
             tokenizer,
             text,
             vision,
             visual_projection,
-            image_size,
-            mean,
-            std,
+            image_size: cfg.vision_config.image_size,
+            mean: OPENAI_MEAN,
+            std: OPENAI_STD,
             device: device.clone(),
             hash: std::cell::OnceCell::new(),
             files,
             warnings: RefCell::new(Vec::new()),
         })
+    }
+
+    /// The side of the square images the vision tower reads.
+    pub fn image_size(&self) -> usize {
+        self.image_size
     }
 
     pub fn fingerprint(&self) -> Result<String> {

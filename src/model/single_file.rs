@@ -1,0 +1,403 @@
+//! Single-file checkpoints (A1111 / ComfyUI `.safetensors`) ↔ the diffusers layout, in memory.
+//!
+//! A single file holds the UNet under `model.diffusion_model.*` (LDM names), the VAE under
+//! `first_stage_model.*`, and the text encoder(s) under `cond_stage_model.*` (SD 1.x: a
+//! transformers CLIP; SD 2.x: OpenCLIP) or `conditioner.embedders.{0,1}.*` (SDXL). The family is
+//! detected from the keys and shapes; configs come from the family's published architecture,
+//! or from a `loragate.configs` header field when loragate wrote the file (so custom models such
+//! as the shapes world's tiny-sd round-trip). Single files carry no tokenizer: SD families use
+//! OpenAI CLIP's vocabulary (assets/clip), loragate-written files embed theirs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::Family;
+use crate::model::ldm::unet_module_to_ldm;
+use crate::model::params::{Params, WeightStore};
+use crate::model::scheduler::ScheduleConfig;
+use crate::model::text_encoder::{TextConfig, TextEncoder};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::unet::{UNet, UNetConfig};
+use crate::model::vae::{Vae, VaeConfig};
+use crate::tensors::TensorFile;
+
+const UNET: &str = "model.diffusion_model.";
+const VAE: &str = "first_stage_model.";
+const TE_SD1: &str = "cond_stage_model.transformer.";
+const TE_SD2: &str = "cond_stage_model.model.";
+const TE_XL1: &str = "conditioner.embedders.0.transformer.";
+const TE_XL2: &str = "conditioner.embedders.1.model.";
+
+/// Configs written into a loragate-made single file's header.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EmbeddedConfigs {
+    pub unet: serde_json::Value,
+    pub vae: serde_json::Value,
+    pub text_encoder: serde_json::Value,
+    pub scheduler: serde_json::Value,
+    /// The tokenizer.json text.
+    pub tokenizer: String,
+}
+
+/// A single file converted to the diffusers layout: what [`crate::model::Pipeline`] loads.
+pub struct Converted {
+    pub family: Family,
+    pub unet_config: UNetConfig,
+    pub unet: HashMap<String, Tensor>,
+    pub vae_config: VaeConfig,
+    pub vae: HashMap<String, Tensor>,
+    pub text_config: TextConfig,
+    pub text_encoder: HashMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+    pub second: Option<(TextConfig, HashMap<String, Tensor>, Tokenizer)>,
+    pub schedule: ScheduleConfig,
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// Names and shapes of a safetensors file, from its header alone.
+pub fn read_header(path: &Path) -> Result<(BTreeMap<String, Vec<usize>>, BTreeMap<String, String>)> {
+    use std::io::Read;
+    let bad = |m: String| Error::TensorFile { path: path.to_path_buf(), reason: m };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| bad("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad(format!("header of {n} bytes is implausibly large")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|_| bad("truncated header".into()))?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let mut shapes = BTreeMap::new();
+    let mut meta = BTreeMap::new();
+    for (k, info) in v.as_object().ok_or_else(|| bad("header is not a JSON object".into()))? {
+        if k == "__metadata__" {
+            if let Some(m) = info.as_object() {
+                for (mk, mv) in m {
+                    meta.insert(mk.clone(), mv.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let shape: Vec<usize> = info["shape"].as_array().map(|a| a.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect()).unwrap_or_default();
+        shapes.insert(k.clone(), shape);
+    }
+    Ok((shapes, meta))
+}
+
+/// Which family a single file is, from its keys and shapes.
+pub fn detect_family(shapes: &BTreeMap<String, Vec<usize>>) -> Result<Family> {
+    let has = |k: &str| shapes.contains_key(k);
+    if !shapes.keys().any(|k| k.starts_with(UNET)) {
+        return Err(Error::invalid("no `model.diffusion_model.*` tensors: not a Stable Diffusion single-file checkpoint"));
+    }
+    if has(&format!("{TE_XL2}transformer.resblocks.0.attn.in_proj_weight")) || shapes.keys().any(|k| k.starts_with("conditioner.embedders.")) {
+        return Ok(Family::Sdxl);
+    }
+    if has(&format!("{TE_SD2}transformer.resblocks.0.attn.in_proj_weight")) {
+        return Ok(Family::Sd2);
+    }
+    // SD 1.x layout: the cross-attention key width is the text width.
+    let width = shapes
+        .iter()
+        .find(|(k, _)| k.starts_with(UNET) && k.ends_with("attn2.to_k.weight"))
+        .and_then(|(_, s)| s.get(1).copied())
+        .ok_or_else(|| Error::invalid("no cross-attention layers found in the UNet"))?;
+    Ok(Family::from_text_width(width))
+}
+
+fn value<T: for<'de> Deserialize<'de>>(v: &serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(v.clone()).map_err(|e| Error::invalid(format!("embedded {what} config: {e}")))
+}
+
+/// The diffusers parameter names and shapes an architecture needs, without allocating it.
+pub fn unet_parameters(config: &UNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let store = WeightStore::recorder(&Device::Cpu);
+    let targets = Default::default();
+    UNet::load(&Params::root(&store, &targets), config)?;
+    Ok(store.recorded())
+}
+
+pub fn vae_parameters(config: &VaeConfig) -> Result<Vec<(String, Vec<usize>)>> {
+    let store = WeightStore::recorder(&Device::Cpu);
+    let targets = Default::default();
+    Vae::load(&Params::root(&store, &targets), config)?;
+    Ok(store.recorded())
+}
+
+pub fn text_parameters(config: &TextConfig, projection: bool) -> Result<Vec<(String, Vec<usize>)>> {
+    let store = WeightStore::recorder(&Device::Cpu);
+    let targets = Default::default();
+    TextEncoder::load(&Params::root(&store, &targets), config, projection)?;
+    Ok(store.recorded())
+}
+
+/// diffusers UNet key → LDM key (`model.diffusion_model.` not included).
+pub fn unet_key_map(config: &UNetConfig) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for (key, _) in unet_parameters(config)? {
+        let (module, leaf) = key.rsplit_once('.').expect("parameter keys have a leaf");
+        let ldm = unet_module_to_ldm(module, config)
+            .ok_or_else(|| Error::invalid(format!("no LDM name for UNet module `{module}`")))?;
+        out.push((key.clone(), format!("{ldm}.{leaf}")));
+    }
+    Ok(out)
+}
+
+/// diffusers VAE key → LDM key (`first_stage_model.` not included).
+pub fn vae_ldm_key(key: &str, config: &VaeConfig) -> Option<String> {
+    let n = config.block_out_channels.len();
+    let parts: Vec<&str> = key.split('.').collect();
+    let resnet_leaf = |s: &str| if s == "conv_shortcut" { "nin_shortcut".to_string() } else { s.to_string() };
+    let join = |head: String, from: usize| -> String {
+        let mut v = vec![head];
+        v.extend(parts[from..].iter().map(|s| s.to_string()));
+        v.join(".")
+    };
+    let side = *parts.first()?;
+    match (side, *parts.get(1)?) {
+        ("quant_conv", _) | ("post_quant_conv", _) => Some(key.to_string()),
+        (s @ ("encoder" | "decoder"), "conv_in" | "conv_out") => Some(format!("{s}.{}", parts[1..].join("."))),
+        (s @ ("encoder" | "decoder"), "conv_norm_out") => Some(join(format!("{s}.norm_out"), 2)),
+        (s @ ("encoder" | "decoder"), "mid_block") => match (*parts.get(2)?, *parts.get(3)?) {
+            ("resnets", i) => {
+                let b = if i == "0" { "block_1" } else { "block_2" };
+                Some(format!("{s}.mid.{b}.{}", parts[4..].join(".")))
+            }
+            ("attentions", "0") => {
+                let leaf = match *parts.get(4)? {
+                    "group_norm" => "norm",
+                    "to_q" => "q",
+                    "to_k" => "k",
+                    "to_v" => "v",
+                    "to_out" => "proj_out",
+                    _ => return None,
+                };
+                let last = parts.last()?;
+                Some(format!("{s}.mid.attn_1.{leaf}.{last}"))
+            }
+            _ => None,
+        },
+        ("encoder", "down_blocks") => {
+            let i = parts.get(2)?;
+            match *parts.get(3)? {
+                "resnets" => Some(format!("encoder.down.{i}.block.{}.{}.{}", parts.get(4)?, resnet_leaf(parts.get(5)?), parts.get(6)?)),
+                "downsamplers" => Some(format!("encoder.down.{i}.downsample.conv.{}", parts.last()?)),
+                _ => None,
+            }
+        }
+        ("decoder", "up_blocks") => {
+            let i: usize = parts.get(2)?.parse().ok()?;
+            let k = n - 1 - i;
+            match *parts.get(3)? {
+                "resnets" => Some(format!("decoder.up.{k}.block.{}.{}.{}", parts.get(4)?, resnet_leaf(parts.get(5)?), parts.get(6)?)),
+                "upsamplers" => Some(format!("decoder.up.{k}.upsample.conv.{}", parts.last()?)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Renames the tensors under `prefix` with `map` (diffusers → LDM), returning diffusers keys.
+fn take_mapped(
+    all: &mut HashMap<String, Tensor>,
+    prefix: &str,
+    map: impl Iterator<Item = (String, String)>,
+    what: &str,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for (diffusers, ldm) in map {
+        let key = format!("{prefix}{ldm}");
+        let t = all
+            .remove(&key)
+            .ok_or_else(|| Error::model(path, format!("{what}: missing `{key}` (for `{diffusers}`)")))?;
+        out.insert(diffusers, t);
+    }
+    Ok(out)
+}
+
+/// OpenCLIP text tower → transformers CLIPTextModel(WithProjection) keys.
+fn openclip_text(all: &mut HashMap<String, Tensor>, prefix: &str, layers: usize, path: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut take = |k: &str| -> Result<Tensor> {
+        all.remove(&format!("{prefix}{k}")).ok_or_else(|| Error::model(path, format!("missing `{prefix}{k}`")))
+    };
+    let mut out = HashMap::new();
+    out.insert("text_model.embeddings.token_embedding.weight".into(), take("token_embedding.weight")?);
+    out.insert("text_model.embeddings.position_embedding.weight".into(), take("positional_embedding")?);
+    for i in 0..layers {
+        let r = format!("transformer.resblocks.{i}.");
+        let l = format!("text_model.encoder.layers.{i}.");
+        let w = take(&format!("{r}attn.in_proj_weight"))?;
+        let b = take(&format!("{r}attn.in_proj_bias"))?;
+        let d = w.dim(1)?;
+        for (j, n) in ["q_proj", "k_proj", "v_proj"].iter().enumerate() {
+            out.insert(format!("{l}self_attn.{n}.weight"), w.narrow(0, j * d, d)?.contiguous()?);
+            out.insert(format!("{l}self_attn.{n}.bias"), b.narrow(0, j * d, d)?.contiguous()?);
+        }
+        for (src, dst) in [
+            ("attn.out_proj", "self_attn.out_proj"),
+            ("ln_1", "layer_norm1"),
+            ("ln_2", "layer_norm2"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ] {
+            for leaf in ["weight", "bias"] {
+                out.insert(format!("{l}{dst}.{leaf}"), take(&format!("{r}{src}.{leaf}"))?);
+            }
+        }
+    }
+    for leaf in ["weight", "bias"] {
+        out.insert(format!("text_model.final_layer_norm.{leaf}"), take(&format!("ln_final.{leaf}"))?);
+    }
+    // OpenCLIP projects with `x @ P`; a Linear layer stores P transposed.
+    if let Ok(p) = take("text_projection") {
+        out.insert("text_projection.weight".into(), p.t()?.contiguous()?);
+    }
+    Ok(out)
+}
+
+fn count_resblocks(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> usize {
+    let p = format!("{prefix}transformer.resblocks.");
+    shapes
+        .keys()
+        .filter_map(|k| k.strip_prefix(&p).and_then(|r| r.split('.').next()).and_then(|n| n.parse::<usize>().ok()))
+        .max()
+        .map(|m| m + 1)
+        .unwrap_or(0)
+}
+
+fn strip(all: &mut HashMap<String, Tensor>, prefix: &str) -> HashMap<String, Tensor> {
+    let keys: Vec<String> = all.keys().filter(|k| k.starts_with(prefix)).cloned().collect();
+    keys.into_iter().filter_map(|k| all.remove(&k).map(|t| (k[prefix.len()..].to_string(), t))).collect()
+}
+
+/// Reads and converts a single-file checkpoint.
+pub fn convert(path: &Path, dtype: DType, device: &Device) -> Result<Converted> {
+    let (shapes, meta) = read_header(path)?;
+    let family = detect_family(&shapes).map_err(|e| Error::model(path, e.to_string()))?;
+    let file = TensorFile::load(path, dtype, device).map_err(|e| match e {
+        Error::TensorFile { path, reason } => Error::model(path, reason),
+        other => other,
+    })?;
+    let mut all = file.tensors;
+    let embedded: Option<EmbeddedConfigs> = meta.get("loragate.configs").map(|v| serde_json::from_str(v)).transpose().map_err(|e| Error::model(path, format!("bad loragate.configs header: {e}")))?;
+
+    let clip_tokenizer = || Tokenizer::from_clip_bpe_gz(&crate::model::resolve::clip_vocab_path()?);
+    let (mut unet_config, vae_config, text_config, schedule, tokenizer, force_zeros) = match (&embedded, family) {
+        (Some(e), _) => {
+            let tok_path = std::env::temp_dir().join(format!("loragate-tokenizer-{}.json", std::process::id()));
+            crate::fsutil::write_text_atomic(&tok_path, &e.tokenizer)?;
+            let tok = Tokenizer::from_tokenizer_json(&tok_path);
+            let _ = std::fs::remove_file(&tok_path);
+            (value(&e.unet, "UNet")?, value(&e.vae, "VAE")?, value(&e.text_encoder, "text encoder")?, value(&e.scheduler, "scheduler")?, tok?, false)
+        }
+        (None, Family::Sd1) => (UNetConfig::sd15(), VaeConfig::sd(), TextConfig::sd15(), ScheduleConfig::default(), clip_tokenizer()?, false),
+        (None, Family::Sd2) => {
+            // SD 2.x files do not say whether they are the 768-v or the 512 epsilon model; the
+            // 768-v model is the common one (see README, "Models").
+            let layers = count_resblocks(&shapes, TE_SD2).saturating_sub(1);
+            let text = TextConfig { num_hidden_layers: layers, ..TextConfig::sd2() };
+            let schedule = ScheduleConfig { prediction_type: "v_prediction".into(), ..ScheduleConfig::default() };
+            (UNetConfig::sd2(), VaeConfig::sd(), text, schedule, clip_tokenizer()?, false)
+        }
+        (None, Family::Sdxl) => (UNetConfig::sdxl(), VaeConfig::sdxl(), TextConfig::sd15(), ScheduleConfig::default(), clip_tokenizer()?, true),
+        (None, Family::Other { text_width }) => {
+            return Err(Error::model(
+                path,
+                format!(
+                    "an SD-layout checkpoint with text width {text_width} and no embedded configs: loragate knows the \
+                     architectures of SD 1.x, 2.x and XL; convert other models to a diffusers folder"
+                ),
+            ));
+        }
+    };
+    if let Some(s) = shapes.get(&format!("{UNET}input_blocks.0.0.weight")) {
+        // Inpainting and other variants change the UNet's input channels.
+        unet_config.in_channels = s.get(1).copied().unwrap_or(unet_config.in_channels);
+    }
+
+    let unet_map = unet_key_map(&unet_config)?;
+    let unet = take_mapped(&mut all, UNET, unet_map.into_iter(), "UNet", path)?;
+    let vae_keys = vae_parameters(&vae_config)?;
+    let vae = take_mapped(
+        &mut all,
+        VAE,
+        vae_keys.into_iter().map(|(k, _)| {
+            let ldm = vae_ldm_key(&k, &vae_config).unwrap_or_else(|| k.clone());
+            (k, ldm)
+        }),
+        "VAE",
+        path,
+    )?;
+    let (text_encoder, second) = match family {
+        Family::Sd2 => (openclip_text(&mut all, TE_SD2, text_config.num_hidden_layers, path)?, None),
+        Family::Sdxl if embedded.is_none() => {
+            let te1 = strip(&mut all, TE_XL1);
+            let layers = count_resblocks(&shapes, TE_XL2);
+            let cfg2 = TextConfig { num_hidden_layers: layers, ..TextConfig::sdxl_bigg() };
+            let te2 = openclip_text(&mut all, TE_XL2, layers, path)?;
+            let mut tok2 = clip_tokenizer()?;
+            tok2.pad = 0; // SDXL's second tokenizer pads with "!" (id 0)
+            (te1, Some((cfg2, te2, tok2)))
+        }
+        _ => (strip(&mut all, TE_SD1), None),
+    };
+    let mut text_encoder = text_encoder;
+    crate::model::pipeline::normalize_text_encoder_keys(&mut text_encoder);
+    Ok(Converted {
+        family,
+        unet_config,
+        unet,
+        vae_config,
+        vae,
+        text_config,
+        text_encoder,
+        tokenizer,
+        second,
+        schedule,
+        force_zeros_for_empty_prompt: force_zeros,
+    })
+}
+
+/// Writes a diffusers pipeline folder as an A1111-style single file, with its configs and
+/// tokenizer in the header (`loragate.configs`) so that any architecture round-trips.
+pub fn write_from_folder(folder: &Path, out: &Path) -> Result<()> {
+    use crate::model::loading::{load_component_tensors, read_config};
+    let cpu = Device::Cpu;
+    let read = |p: &Path| -> Result<serde_json::Value> { read_config(p) };
+    let unet_json = read(&folder.join("unet/config.json"))?;
+    let vae_json = read(&folder.join("vae/config.json"))?;
+    let te_json = read(&folder.join("text_encoder/config.json"))?;
+    let sched_json = read(&folder.join("scheduler/scheduler_config.json")).unwrap_or(serde_json::json!({}));
+    let unet_config: UNetConfig = value(&unet_json, "UNet")?;
+    let vae_config: VaeConfig = value(&vae_json, "VAE")?;
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let unet = load_component_tensors(&folder.join("unet"), DType::F32, &cpu)?;
+    for (d, l) in unet_key_map(&unet_config)? {
+        let t = unet.get(&d).ok_or_else(|| Error::model(folder, format!("UNet lacks `{d}`")))?;
+        tensors.insert(format!("{UNET}{l}"), t.clone());
+    }
+    let mut vae = load_component_tensors(&folder.join("vae"), DType::F32, &cpu)?;
+    crate::model::vae::normalize_vae_keys(&mut vae);
+    for (k, t) in vae {
+        let l = vae_ldm_key(&k, &vae_config).ok_or_else(|| Error::model(folder, format!("no LDM name for VAE key `{k}`")))?;
+        tensors.insert(format!("{VAE}{l}"), t);
+    }
+    let mut te = load_component_tensors(&folder.join("text_encoder"), DType::F32, &cpu)?;
+    crate::model::pipeline::normalize_text_encoder_keys(&mut te);
+    for (k, t) in te {
+        tensors.insert(format!("{TE_SD1}{k}"), t);
+    }
+    let tokenizer = std::fs::read_to_string(folder.join("tokenizer/tokenizer.json")).map_err(|e| Error::io(folder.join("tokenizer/tokenizer.json"), e))?;
+    let configs = EmbeddedConfigs { unet: unet_json, vae: vae_json, text_encoder: te_json, scheduler: sched_json, tokenizer };
+    let mut meta = BTreeMap::new();
+    meta.insert("loragate.configs".to_string(), serde_json::to_string(&configs).expect("serialisable"));
+    meta.insert("format".to_string(), "pt".to_string());
+    crate::tensors::save(out, &tensors, &meta, crate::tensors::SaveDtype::F16)
+}
