@@ -401,3 +401,37 @@ pub fn write_from_folder(folder: &Path, out: &Path) -> Result<()> {
     meta.insert("format".to_string(), "pt".to_string());
     crate::tensors::save(out, &tensors, &meta, crate::tensors::SaveDtype::F16)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openclip_attention_splits_into_q_k_v_and_the_projection_transposes() {
+        let d = 4;
+        let dev = Device::Cpu;
+        let mut all = HashMap::new();
+        let p = "m.";
+        let in_w: Vec<f32> = (0..3 * d * d).map(|i| i as f32).collect();
+        all.insert(format!("{p}transformer.resblocks.0.attn.in_proj_weight"), Tensor::from_vec(in_w, (3 * d, d), &dev).unwrap());
+        all.insert(format!("{p}transformer.resblocks.0.attn.in_proj_bias"), Tensor::arange(0f32, (3 * d) as f32, &dev).unwrap());
+        for name in ["attn.out_proj", "ln_1", "ln_2", "mlp.c_fc", "mlp.c_proj"] {
+            all.insert(format!("{p}transformer.resblocks.0.{name}.weight"), Tensor::zeros((d, d), DType::F32, &dev).unwrap());
+            all.insert(format!("{p}transformer.resblocks.0.{name}.bias"), Tensor::zeros(d, DType::F32, &dev).unwrap());
+        }
+        all.insert(format!("{p}token_embedding.weight"), Tensor::zeros((10, d), DType::F32, &dev).unwrap());
+        all.insert(format!("{p}positional_embedding"), Tensor::zeros((7, d), DType::F32, &dev).unwrap());
+        all.insert(format!("{p}ln_final.weight"), Tensor::ones(d, DType::F32, &dev).unwrap());
+        all.insert(format!("{p}ln_final.bias"), Tensor::zeros(d, DType::F32, &dev).unwrap());
+        let proj = Tensor::from_vec((0..d * 2).map(|i| i as f32).collect::<Vec<_>>(), (d, 2), &dev).unwrap();
+        all.insert(format!("{p}text_projection"), proj.clone());
+        let out = openclip_text(&mut all, p, 1, Path::new("x")).unwrap();
+        let k = out["text_model.encoder.layers.0.self_attn.k_proj.weight"].to_vec2::<f32>().unwrap();
+        assert_eq!(k[0][0], (d * d) as f32, "k is the second block of rows");
+        let vb = out["text_model.encoder.layers.0.self_attn.v_proj.bias"].to_vec1::<f32>().unwrap();
+        assert_eq!(vb[0], (2 * d) as f32);
+        assert_eq!(out["text_projection.weight"].dims(), &[2, d]);
+        assert_eq!(out["text_projection.weight"].to_vec2::<f32>().unwrap()[1][0], proj.to_vec2::<f32>().unwrap()[0][1]);
+        assert!(all.is_empty(), "every OpenCLIP tensor was used: {:?}", all.keys().collect::<Vec<_>>());
+    }
+}
