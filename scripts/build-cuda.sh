@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds loragate with CUDA (feature `cuda`, or `cudnn` with CUDNN=1) on a machine that has no
+# CUDA toolkit installed: nvcc 13.0, its headers and libraries come from PyPI into a virtual
+# environment under target/. The binary links against libcuda's stub; at run time the GPU
+# machine's driver provides libcuda, and CUDA 13.0 / cuDNN 9 under /usr/local/cuda provide the
+# rest (put /usr/local/cuda/lib64 on LD_LIBRARY_PATH there).
+#
+#   scripts/build-cuda.sh            # → target/release/loragate with CUDA, for sm_90 (H100/H200)
+#   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${CUDA_VENV:-target/cuda-venv}
+FEATURE=cuda
+[ "${CUDNN:-0}" = 1 ] && FEATURE=cudnn
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q \
+  "cuda-toolkit[nvcc,cublas,curand,nvrtc,cudart]==13.0.2" \
+  "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.*"
+[ "$FEATURE" = cudnn ] && "$VENV/bin/pip" install -q "nvidia-cudnn-cu13==9.*"
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+CUDA=$SITE/nvidia/cu13
+[ -x "$CUDA/bin/nvcc" ] || { echo "nvcc not found under $CUDA" >&2; exit 3; }
+# nvcc looks for cicc and libdevice under nvvm/ beside its own bin/.
+[ -e "$CUDA/nvvm" ] || ln -s "$SITE/nvidia/cu13/nvvm" "$CUDA/nvvm" 2>/dev/null || true
+# The driver library is not on this machine: link against a stub that exports its symbols.
+STUBS=$CUDA/lib/stubs
+if [ ! -e "$STUBS/libcuda.so" ]; then
+  mkdir -p "$STUBS"
+  find "$SITE" -name 'libcuda.so*' -path '*stubs*' -exec cp {} "$STUBS/libcuda.so" \; -quit
+fi
+export PATH=$CUDA/bin:$PATH
+export CUDA_ROOT=$CUDA CUDA_PATH=$CUDA CUDA_TOOLKIT_ROOT_DIR=$CUDA
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export NVCC_PREPEND_FLAGS="-I$CUDA/include -I$CUDA/include/cccl ${NVCC_PREPEND_FLAGS:-}"
+export LIBRARY_PATH=$STUBS:$CUDA/lib:${LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$CUDA/lib:${LD_LIBRARY_PATH:-}
+cargo build --release --features "$FEATURE"
+echo "built target/release/loragate with $FEATURE for sm_$CUDA_COMPUTE_CAP"
