@@ -130,8 +130,8 @@ impl NoiseSchedule {
         Ok(ts.into_iter().map(|t| t.min(n - 1)).collect())
     }
 
-    /// Noises clean latents for training: `sqrt(ā_t) x0 + sqrt(1 - ā_t) ε`, one `t` per item.
-    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+    /// `(sqrt(ā_t), sqrt(1 − ā_t))` per item, shaped `[n, 1, 1, 1]` to broadcast over latents.
+    fn signal_noise_scales(&self, timesteps: &[usize], like: &Tensor) -> Result<(Tensor, Tensor)> {
         let (a, b): (Vec<f32>, Vec<f32>) = timesteps
             .iter()
             .map(|&t| {
@@ -140,8 +140,13 @@ impl NoiseSchedule {
             })
             .unzip();
         let n = timesteps.len();
-        let a = Tensor::from_vec(a, (n, 1, 1, 1), x0.device())?.to_dtype(x0.dtype())?;
-        let b = Tensor::from_vec(b, (n, 1, 1, 1), x0.device())?.to_dtype(x0.dtype())?;
+        let to = |v: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(v, (n, 1, 1, 1), like.device())?.to_dtype(like.dtype())?) };
+        Ok((to(a)?, to(b)?))
+    }
+
+    /// Noises clean latents for training: `sqrt(ā_t) x0 + sqrt(1 - ā_t) ε`, one `t` per item.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, timesteps: &[usize]) -> Result<Tensor> {
+        let (a, b) = self.signal_noise_scales(timesteps, x0)?;
         Ok((x0.broadcast_mul(&a)? + noise.broadcast_mul(&b)?)?)
     }
 
@@ -152,16 +157,7 @@ impl NoiseSchedule {
             Prediction::Sample => Ok(x0.clone()),
             Prediction::VPrediction => {
                 // v = sqrt(ā) ε − sqrt(1 − ā) x0
-                let (a, b): (Vec<f32>, Vec<f32>) = timesteps
-                    .iter()
-                    .map(|&t| {
-                        let ac = self.alphas_cumprod[t];
-                        (ac.sqrt() as f32, (1.0 - ac).sqrt() as f32)
-                    })
-                    .unzip();
-                let n = timesteps.len();
-                let a = Tensor::from_vec(a, (n, 1, 1, 1), x0.device())?;
-                let b = Tensor::from_vec(b, (n, 1, 1, 1), x0.device())?;
+                let (a, b) = self.signal_noise_scales(timesteps, x0)?;
                 Ok((noise.broadcast_mul(&a)? - x0.broadcast_mul(&b)?)?)
             }
         }
