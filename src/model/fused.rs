@@ -3,6 +3,9 @@
 //! that the two agree.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::model::kernels;
 
 /// Group normalisation over `[B, C, ...]`, optionally followed by SiLU.
 pub struct GroupNormCpu {
@@ -33,35 +36,85 @@ impl CustomOp1 for GroupNormCpu {
         let bias = self.bias.to_vec1::<f32>()?;
         let mut out = vec![0f32; x.len()];
         let group_len = per_group * spatial;
-        let silu = self.silu;
-        let eps = self.eps;
-        let groups = self.groups;
-        use rayon::prelude::*;
+        let (silu, eps, groups) = (self.silu, self.eps, self.groups);
         out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (o, xs))| {
             let g = i % groups;
             let n = xs.len() as f64;
-            let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let (s, q) = kernels::moments(xs);
+            let mean = s / n;
+            let var = (q / n - mean * mean).max(0.0);
             let inv = 1.0 / (var + eps).sqrt();
             for cc in 0..per_group {
                 let ch = g * per_group + cc;
                 let scale = (w[ch] as f64 * inv) as f32;
                 let shift = (bias[ch] as f64 - mean * w[ch] as f64 * inv) as f32;
-                let src = &xs[cc * spatial..(cc + 1) * spatial];
-                let dst = &mut o[cc * spatial..(cc + 1) * spatial];
-                if silu {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        let y = v * scale + shift;
-                        *d = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = v * scale + shift;
-                    }
-                }
+                let range = cc * spatial..(cc + 1) * spatial;
+                kernels::affine_into(&xs[range.clone()], &mut o[range], scale, shift, silu);
             }
         });
         let _ = b;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// Rows per rayon task so that each task has at least `min_elems` elements.
+fn rows_per_task(rows: usize, width: usize, min_elems: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let by_size = min_elems.div_ceil(width.max(1));
+    by_size.max(rows.div_ceil(4 * threads)).max(1)
+}
+
+/// The contiguous `f32` data of a custom op's input.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{op}: non-contiguous input") };
+    Ok(&data[start..end])
+}
+
+/// Softmax over the last dimension of `x · scale`.
+pub struct SoftmaxCpu {
+    pub scale: f32,
+}
+
+impl CustomOp1 for SoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "softmax-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let width = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        let chunk = rows_per_task(x.len() / width, width, 16 * 1024) * width;
+        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, xs)| kernels::softmax_rows(xs, o, width, self.scale));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// GEGLU: `[..., 2n]` → `[..., n]`, the first half times the exact GELU of the second.
+pub struct GegluCpu;
+
+impl CustomOp1 for GegluCpu {
+    fn name(&self) -> &'static str {
+        "geglu-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let mut dims = layout.dims().to_vec();
+        let last = dims.last_mut().ok_or_else(|| candle_core::Error::Msg("geglu: scalar input".into()))?;
+        if *last % 2 != 0 {
+            candle_core::bail!("geglu: odd last dimension {last}");
+        }
+        *last /= 2;
+        let width = *last;
+        let mut out = vec![0f32; x.len() / 2];
+        if width > 0 {
+            let rows = rows_per_task(out.len() / width, width, 8 * 1024);
+            out.par_chunks_mut(rows * width)
+                .zip(x.par_chunks(2 * rows * width))
+                .for_each(|(o, xs)| kernels::geglu_rows(xs, o, width));
+        }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
@@ -88,5 +141,54 @@ mod tests {
             let d = (fused - slow).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "silu={silu}: {d}");
         }
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn fused_softmax_matches_the_composite_form() {
+        for (shape, scale) in [((3, 5, 7), 1.0), ((2, 9, 77), 0.25), ((1, 2, 300), 0.125)] {
+            let x = Tensor::randn(0f32, 3., shape, &Device::Cpu).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let fused = crate::model::nn::softmax_last_scaled(&x, scale).unwrap();
+            let slow = crate::model::nn::softmax_last_scaled(xv.as_tensor(), scale).unwrap();
+            assert!(slow.track_op(), "the Var must take the composite path");
+            let d = max_diff(&fused, &slow);
+            assert!(d < 1e-6, "{shape:?}: {d}");
+        }
+        // Masked entries (-inf) get zero weight.
+        let x = Tensor::new(&[[0f32, f32::NEG_INFINITY, 1.0]], &Device::Cpu).unwrap();
+        let p = crate::model::nn::softmax_last(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(p[0][1], 0.0);
+        assert!((p[0][0] + p[0][2] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fused_geglu_matches_the_composite_form() {
+        for shape in [(2, 3, 16), (1, 300, 64), (4, 1, 2)] {
+            let x = Tensor::randn(0f32, 2., shape, &Device::Cpu).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let fused = crate::model::nn::geglu(&x).unwrap();
+            let slow = crate::model::nn::geglu(xv.as_tensor()).unwrap();
+            assert!(slow.track_op());
+            assert_eq!(fused.dims(), slow.dims());
+            // Relative to the largest output: products of two N(0, 2) values reach ~50.
+            let scale = slow.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let d = max_diff(&fused, &slow);
+            assert!(d < 1e-6 * (1.0 + scale), "{shape:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn attention_with_folded_scale_matches_the_composite_form() {
+        let q = Tensor::randn(0f32, 1., (2, 4, 33, 16), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0f32, 1., (2, 4, 20, 16), &Device::Cpu).unwrap();
+        let v = Tensor::randn(0f32, 1., (2, 4, 20, 16), &Device::Cpu).unwrap();
+        let fused = crate::model::nn::attention(&q, &k, &v, None).unwrap();
+        let qv = Var::from_tensor(&q).unwrap();
+        let slow = crate::model::nn::attention(qv.as_tensor(), &k, &v, None).unwrap();
+        assert!(max_diff(&fused, &slow) < 1e-5);
     }
 }

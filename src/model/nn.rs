@@ -207,11 +207,39 @@ impl LayerNorm {
 
 /// Softmax over the last dimension; fused when no gradient is needed.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
+    softmax_last_scaled(x, 1.0)
+}
+
+/// `softmax(x · scale)` over the last dimension. The fused CPU kernel applies the scale inside
+/// its exp, saving a pass over `x`.
+pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if !x.track_op() && fused_cpu(x) {
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        return Ok(x.apply_op1_no_bwd(&crate::model::fused::SoftmaxCpu { scale: scale as f32 })?);
+    }
+    let x = if scale == 1.0 { x.clone() } else { (x * scale)? };
+    if !x.track_op() {
+        let x = if x.is_contiguous() { x } else { x.contiguous()? };
         return Ok(candle_nn::ops::softmax_last_dim(&x)?);
     }
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    Ok(candle_nn::ops::softmax(&x, D::Minus1)?)
+}
+
+/// Whether `x` can go to the fused CPU kernels of [`crate::model::fused`] (f32 on the CPU).
+pub fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// GEGLU over the last dimension: the first half times the exact GELU of the second half.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if !h.track_op() && fused_cpu(h) {
+        let h = if h.is_contiguous() { h.clone() } else { h.contiguous()? };
+        return Ok(h.apply_op1_no_bwd(&crate::model::fused::GegluCpu)?);
+    }
+    let half = h.dim(D::Minus1)? / 2;
+    let hidden = h.narrow(D::Minus1, 0, half)?;
+    let gate = h.narrow(D::Minus1, half, half)?;
+    Ok((hidden * gate.gelu_erf()?)?)
 }
 
 /// The activations found in SD configs (`act_fn`, `hidden_act`).
@@ -249,13 +277,16 @@ impl Activation {
 
 /// Scaled dot-product attention over `[B, heads, N, d]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)? as f64;
-    let q = (q * (1.0 / d.sqrt()))?;
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    // Without gradients (and without a mask, which must stay unscaled) the scale goes into the
+    // fused softmax instead of a pass over q.
+    let fold = mask.is_none() && !(q.track_op() || k.track_op() || v.track_op()) && fused_cpu(q);
+    let q = if fold { q.clone() } else { (q * scale)? };
     let mut scores = matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
-    let probs = softmax_last(&scores)?;
+    let probs = softmax_last_scaled(&scores, if fold { scale } else { 1.0 })?;
     matmul(&probs, v)
 }
 

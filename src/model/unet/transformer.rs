@@ -61,11 +61,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+        self.out.forward(&crate::model::nn::geglu(&self.proj.forward(x)?)?)
     }
 }
 
