@@ -6,9 +6,9 @@
 //! otherwise. Batched matmuls always get a contiguous left operand (candle issue #3744: on the
 //! CPU a transposed left view gives wrong results after the first batch item).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{D, Module, Tensor};
+use candle_core::{D, Module, Tensor, TensorId};
 
 use crate::error::Result;
 use crate::model::adapters::{AdaptableLayer, LayerKind};
@@ -72,6 +72,9 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
+    /// The effective weight in the fast CPU kernel's layout, keyed by the weight's id (a new
+    /// LoRA merge makes a new weight tensor).
+    pixel_major: Arc<Mutex<Option<(TensorId, Tensor)>>>,
 }
 
 impl Conv2d {
@@ -93,7 +96,7 @@ impl Conv2d {
             weight,
         );
         p.register(layer.clone());
-        Ok(Conv2d { layer, bias, stride, padding })
+        Ok(Conv2d { layer, bias, stride, padding, pixel_major: Default::default() })
     }
 
     pub fn layer(&self) -> &Arc<AdaptableLayer> {
@@ -101,17 +104,51 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, None)
+    }
+
+    /// Nearest-neighbour upsampling of `x` to `size`, then this convolution. Without gradients
+    /// on the CPU the upsampled input is never materialised.
+    pub fn forward_upsampled(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        self.forward_impl(x, Some(size))
+    }
+
+    fn forward_impl(&self, x: &Tensor, upsample: Option<(usize, usize)>) -> Result<Tensor> {
         let w = self.layer.effective_weight();
-        let mut y = conv2d(x, &w, self.padding, self.stride)?;
+        let live = self.layer.live_adapters();
+        if live.is_empty() && !x.track_op() && fused_cpu(x) {
+            let pm = self.pixel_major_kernel(&w)?;
+            let y = crate::model::conv::conv2d_inference(x, &w, Some(&pm), self.bias.as_ref(), self.padding, self.stride, upsample)?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
+        }
+        let x = match upsample {
+            Some((h, wd)) => x.upsample_nearest2d(h, wd)?,
+            None => x.clone(),
+        };
+        let mut y = conv2d(&x, &w, self.padding, self.stride)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
         }
-        for a in self.layer.live_adapters() {
-            let h = conv2d(x, a.down.as_tensor(), self.padding, self.stride)?;
+        for a in live {
+            let h = conv2d(&x, a.down.as_tensor(), self.padding, self.stride)?;
             let d = conv2d(&h, a.up.as_tensor(), 0, 1)?;
             y = (y + (d * a.scale)?)?;
         }
         Ok(y)
+    }
+
+    fn pixel_major_kernel(&self, w: &Tensor) -> Result<Tensor> {
+        let mut cache = self.pixel_major.lock().expect("conv cache lock poisoned");
+        if let Some((id, t)) = cache.as_ref() {
+            if *id == w.id() {
+                return Ok(t.clone());
+            }
+        }
+        let t = crate::model::conv::pixel_major_kernel(w)?;
+        *cache = Some((w.id(), t.clone()));
+        Ok(t)
     }
 }
 

@@ -88,7 +88,7 @@ impl Upsample {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv.forward_upsampled(x, (th, tw))
     }
 }
 
