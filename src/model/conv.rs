@@ -91,9 +91,11 @@ impl Geometry {
     }
 }
 
-/// Output pixels per gemm tile: about 1 MiB of patches, a size gemm runs near its best.
-fn tile_pixels(kc: usize) -> usize {
-    ((1 << 18) / kc.max(1)).clamp(64, 4096)
+/// Output pixels per gemm tile: at most about 1 MiB of patches (gemm runs near its best and
+/// they stay in L2), in equal tiles.
+fn tile_pixels(kc: usize, pixels: usize) -> usize {
+    let max = ((1 << 18) / kc.max(1)).clamp(64, 4096);
+    pixels.div_ceil(pixels.div_ceil(max).max(1)).max(1)
 }
 
 impl FrozenConv {
@@ -146,7 +148,7 @@ impl FrozenConv {
         let (w_store, w_layout) = self.w_pm.storage_and_layout();
         let Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("frozen-conv2d: kernel not on the CPU") };
         let mut out = vec![0f32; g.b * self.o * hw_out];
-        let tile = tile_pixels(kc);
+        let tile = tile_pixels(kc, pixels);
         // The pointwise case reads its patches straight from the channels-last input.
         let xt = CpuStorage::F32(xt);
         let mut cols = CpuStorage::F32(if g.pointwise() { Vec::new() } else { vec![0f32; tile.min(pixels) * kc] });
