@@ -2,7 +2,7 @@
 //! candle ops they replace. Each has a composite twin that training and GPUs use, and a test
 //! that the two agree.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::kernels;
@@ -71,9 +71,17 @@ fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> can
     Ok(&data[start..end])
 }
 
-/// Softmax over the last dimension of `x · scale`.
+/// Softmax over the last dimension of `x · scale`; in place ([`InplaceOp1`]) on a tensor the
+/// caller owns, or into a new one ([`CustomOp1`]).
 pub struct SoftmaxCpu {
     pub scale: f32,
+}
+
+impl SoftmaxCpu {
+    fn run(&self, xs: &mut [f32], width: usize) {
+        let chunk = rows_per_task(xs.len() / width, width, 16 * 1024) * width;
+        xs.par_chunks_mut(chunk).for_each(|c| kernels::softmax_rows(c, width, self.scale));
+    }
 }
 
 impl CustomOp1 for SoftmaxCpu {
@@ -82,12 +90,22 @@ impl CustomOp1 for SoftmaxCpu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(storage, layout, self.name())?;
-        let width = layout.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
-        let chunk = rows_per_task(x.len() / width, width, 16 * 1024) * width;
-        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, xs)| kernels::softmax_rows(xs, o, width, self.scale));
+        let mut out = contiguous_f32(storage, layout, CustomOp1::name(self))?.to_vec();
+        self.run(&mut out, layout.dims().last().copied().unwrap_or(1).max(1));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+impl InplaceOp1 for SoftmaxCpu {
+    fn name(&self) -> &'static str {
+        "softmax-cpu-inplace"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("softmax: f32 only") };
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("softmax: non-contiguous input") };
+        self.run(&mut data[start..end], layout.dims().last().copied().unwrap_or(1).max(1));
+        Ok(())
     }
 }
 

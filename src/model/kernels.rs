@@ -151,18 +151,18 @@ fn max_lanes(xs: &[f32]) -> f32 {
 }
 
 dispatch! {
-    /// Softmax of `src · scale` into `dst`, one row of length `width` at a time.
-    pub fn softmax_rows(src: &[f32], dst: &mut [f32], width: usize, scale: f32) {
-        for (o, row) in dst.chunks_exact_mut(width).zip(src.chunks_exact(width)) {
+    /// In-place softmax of `x · scale`, one row of length `width` at a time.
+    pub fn softmax_rows(xs: &mut [f32], width: usize, scale: f32) {
+        for row in xs.chunks_exact_mut(width) {
             let max = max_lanes(row);
             // A row of -inf (fully masked) would give 0/0; shift by 0 instead.
             let shift = if max.is_finite() { max * scale } else { 0.0 };
-            for (d, &v) in o.iter_mut().zip(row) {
-                *d = exp::<FMA>(madd::<FMA>(v, scale, -shift));
+            for v in row.iter_mut() {
+                *v = exp::<FMA>(madd::<FMA>(*v, scale, -shift));
             }
-            let inv = 1.0 / sum_lanes(o);
-            for d in o.iter_mut() {
-                *d *= inv;
+            let inv = 1.0 / sum_lanes(row);
+            for v in row.iter_mut() {
+                *v *= inv;
             }
         }
     }

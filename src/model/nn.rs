@@ -323,8 +323,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
+    if !scores.track_op() && fused_cpu(&scores) && scores.is_contiguous() {
+        // `scores` is a fresh tensor nothing else holds: normalise it in place.
+        scores.inplace_op1(&crate::model::fused::SoftmaxCpu { scale: if fold { scale as f32 } else { 1.0 } })?;
+        return matmul(&scores, v);
+    }
     let probs = softmax_last_scaled(&scores, if fold { scale } else { 1.0 })?;
     matmul(&probs, v)
+}
+
+/// Runs `f` on a rayon worker thread. gemm and the fused kernels split their work with rayon:
+/// from a worker each split starts at once, from any other thread it is a hand-off (wake a
+/// worker, sleep, be woken), and a UNet call makes dozens of them.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }
 
 /// An `nn.Embedding` table.

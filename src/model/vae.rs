@@ -320,6 +320,10 @@ impl Vae {
     /// Latents (already multiplied by the scaling factor, as the UNet sees them) to images in
     /// `[0, 1]`, `[B, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.decode_on_worker(latents))
+    }
+
+    fn decode_on_worker(&self, latents: &Tensor) -> Result<Tensor> {
         let mut z = (latents / self.config.scaling_factor)?;
         if let Some(s) = self.config.shift_factor {
             z = (z + s)?;
@@ -333,6 +337,10 @@ impl Vae {
 
     /// Images in `[0, 1]` to the mean of the latent distribution, scaled for the UNet.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.encode_on_worker(images))
+    }
+
+    fn encode_on_worker(&self, images: &Tensor) -> Result<Tensor> {
         let x = ((images * 2.0)? - 1.0)?;
         let mut h = self.encoder.forward(&x)?;
         if let Some(q) = &self.quant_conv {
