@@ -21,7 +21,7 @@ use crate::error::Result;
 
 /// `x [B, C, H, W]` convolved with `w [O, C, k, k]`, symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    if let Some(op) = FrozenConv::new(x, w, None, None, padding, stride)? {
+    if let Some(op) = FrozenConv::new(x, x.dim(1)?, w, None, None, padding, stride)? {
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
         // Records the op for backprop only when `x` needs a gradient.
         return Ok(x.apply_op1(op)?);
@@ -35,10 +35,25 @@ pub fn pixel_major_kernel(w: &Tensor) -> Result<Tensor> {
     Ok(w.permute((2, 3, 1, 0))?.contiguous()?.reshape((kh * kw * c, o))?)
 }
 
-/// Inference-only convolution (nothing may need a gradient): `x`, nearest-upsampled to
-/// `upsample` first when given, convolved with `w`, plus `bias`. `w_pm` is
-/// [`pixel_major_kernel`]`(w)` if the caller keeps one. `None` when the fused CPU kernel does not
-/// apply (other device or dtype); the caller then takes the composite path.
+/// What an inference-only convolution folds into its output pass, besides the bias.
+#[derive(Default, Clone, Copy)]
+pub struct ConvExtras<'a> {
+    /// Nearest-neighbour upsampling of the input to this size first.
+    pub upsample: Option<(usize, usize)>,
+    /// `[B, O]`, added to every pixel of channel `o` of image `b` (a time embedding).
+    pub channel_add: Option<&'a Tensor>,
+    /// `[B, O, Ho, Wo]`, added to the output (a residual connection).
+    pub residual: Option<&'a Tensor>,
+    /// The input is tokens `[B, H·W, C]` of an `H × W` image instead of `[B, C, H, W]`.
+    pub tokens_in: Option<(usize, usize)>,
+    /// Return tokens `[B, Ho·Wo, O]` instead of `[B, O, Ho, Wo]` (not with `residual`).
+    pub tokens_out: bool,
+}
+
+/// Inference-only convolution (nothing may need a gradient): `x` convolved with `w`, plus
+/// `bias` and the `extras`. `w_pm` is [`pixel_major_kernel`]`(w)` if the caller keeps one.
+/// `None` when the fused CPU kernel does not apply (something tracks a gradient, other device
+/// or dtype); the caller then takes the composite path.
 pub fn conv2d_inference(
     x: &Tensor,
     w: &Tensor,
@@ -46,13 +61,29 @@ pub fn conv2d_inference(
     bias: Option<&Tensor>,
     padding: usize,
     stride: usize,
-    upsample: Option<(usize, usize)>,
+    extras: ConvExtras<'_>,
 ) -> Result<Option<Tensor>> {
-    if x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op()) {
+    let tracked = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op() || !crate::model::nn::fused_cpu(t));
+    if x.track_op() || w.track_op() || tracked(bias) || tracked(extras.channel_add) || tracked(extras.residual) {
         return Ok(None);
     }
-    let Some(mut op) = FrozenConv::new(x, w, w_pm, bias, padding, stride)? else { return Ok(None) };
-    op.upsample = upsample;
+    if extras.tokens_out && extras.residual.is_some() {
+        return Ok(None);
+    }
+    let x_nchw_c = if extras.tokens_in.is_some() { x.dim(2)? } else { x.dim(1)? };
+    let Some(mut op) = FrozenConv::new(x, x_nchw_c, w, w_pm, bias, padding, stride)? else { return Ok(None) };
+    let contiguous = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+        Ok(match t {
+            Some(t) if t.is_contiguous() => Some(t.clone()),
+            Some(t) => Some(t.contiguous()?),
+            None => None,
+        })
+    };
+    op.upsample = extras.upsample;
+    op.channel_add = contiguous(extras.channel_add)?;
+    op.residual = contiguous(extras.residual)?;
+    op.tokens_in = extras.tokens_in;
+    op.tokens_out = extras.tokens_out;
     let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
     Ok(Some(x.apply_op1_no_bwd(&op)?))
 }
@@ -64,8 +95,12 @@ struct FrozenConv {
     /// `w` as `[k·k·C, O]`.
     w_pm: Tensor,
     bias: Option<Tensor>,
-    /// Nearest-neighbour upsampling of the input to this size first (inference only).
+    /// Inference only: see [`ConvExtras`].
     upsample: Option<(usize, usize)>,
+    channel_add: Option<Tensor>,
+    residual: Option<Tensor>,
+    tokens_in: Option<(usize, usize)>,
+    tokens_out: bool,
     o: usize,
     c: usize,
     k: usize,
@@ -101,12 +136,12 @@ fn tile_pixels(kc: usize, pixels: usize) -> usize {
 impl FrozenConv {
     /// `None` unless the fast CPU path applies: f32 on the CPU with a kernel that needs no
     /// gradient.
-    fn new(x: &Tensor, w: &Tensor, w_pm: Option<&Tensor>, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Self>> {
+    fn new(x: &Tensor, x_channels: usize, w: &Tensor, w_pm: Option<&Tensor>, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Self>> {
         if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op()) {
             return Ok(None);
         }
         let (o, c, kh, kw) = w.dims4()?;
-        if kh != kw || x.dim(1)? != c {
+        if kh != kw || x_channels != c {
             return Ok(None);
         }
         let w_pm = match w_pm {
@@ -118,6 +153,10 @@ impl FrozenConv {
             w_pm,
             bias: bias.cloned(),
             upsample: None,
+            channel_add: None,
+            residual: None,
+            tokens_in: None,
+            tokens_out: false,
             o,
             c,
             k: kh,
@@ -126,53 +165,128 @@ impl FrozenConv {
         }))
     }
 
-    fn geometry(&self, dims: &[usize]) -> candle_core::Result<Geometry> {
-        let [b, c, h, w] = dims else { candle_core::bail!("conv2d: input must be [B, C, H, W], got {dims:?}") };
-        let (h, w) = self.upsample.unwrap_or((*h, *w));
+    /// The geometry for an input of `dims`, and the input's own (pre-upsampling) size.
+    fn geometry(&self, dims: &[usize]) -> candle_core::Result<(Geometry, (usize, usize))> {
+        let (b, c, h, w) = match (self.tokens_in, dims) {
+            (Some((h, w)), &[b, n, c]) if n == h * w => (b, c, h, w),
+            (None, &[b, c, h, w]) => (b, c, h, w),
+            _ => candle_core::bail!("conv2d: input must be [B, C, H, W] (or tokens [B, H·W, C]), got {dims:?}"),
+        };
+        let (hu, wu) = self.upsample.unwrap_or((h, w));
         let (k, s, p) = (self.k, self.stride, self.padding);
-        if h + 2 * p < k || w + 2 * p < k {
-            candle_core::bail!("conv2d: input {h}x{w} is smaller than the {k}x{k} kernel");
+        if hu + 2 * p < k || wu + 2 * p < k {
+            candle_core::bail!("conv2d: input {hu}x{wu} is smaller than the {k}x{k} kernel");
         }
-        Ok(Geometry { b: *b, c: *c, h, w, ho: (h + 2 * p - k) / s + 1, wo: (w + 2 * p - k) / s + 1, k, s, p })
+        let g = Geometry { b, c, h: hu, w: wu, ho: (hu + 2 * p - k) / s + 1, wo: (wu + 2 * p - k) / s + 1, k, s, p };
+        Ok((g, (h, w)))
     }
 
-    /// `x [B, C, h, w]` (before any upsampling) → `[B, O, Ho, Wo]`.
-    fn forward_vec(&self, x: &[f32], in_hw: (usize, usize), g: &Geometry) -> candle_core::Result<Vec<f32>> {
+    /// Per-image, per-channel additive term: bias plus `channel_add`, `[B · O]`.
+    fn channel_terms(&self, b: usize) -> candle_core::Result<Vec<f32>> {
+        let bias = match &self.bias {
+            Some(t) => t.to_vec1::<f32>()?,
+            None => vec![0f32; self.o],
+        };
+        let add = match &self.channel_add {
+            Some(t) => t.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; b * self.o],
+        };
+        if add.len() != b * self.o {
+            candle_core::bail!("conv2d: channel term of {} values for {b} images of {} channels", add.len(), self.o);
+        }
+        Ok(add.iter().enumerate().map(|(i, a)| bias[i % self.o] + a).collect())
+    }
+
+    /// `x` (`[B, C, h, w]` before any upsampling, or tokens) → `[B, O, Ho, Wo]` (or tokens).
+    fn forward_vec(&self, x: &CpuStorage, x_layout: &Layout, in_hw: (usize, usize), g: &Geometry) -> candle_core::Result<Vec<f32>> {
         let kc = g.k * g.k * g.c;
         let (hw_out, pixels) = (g.ho * g.wo, g.b * g.ho * g.wo);
-        let xt = channels_last(x, g, in_hw);
-        let bias = match &self.bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0f32; self.o],
+        let CpuStorage::F32(data) = x else { candle_core::bail!("frozen-conv2d: f32 only") };
+        let Some((start, end)) = x_layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous input") };
+        // Channels-last input: tokens already are; images are transposed (and upsampled).
+        let owned;
+        let (xt, xt_start) = if self.tokens_in.is_some() && self.upsample.is_none() {
+            (x, start)
+        } else {
+            owned = CpuStorage::F32(channels_last(&data[start..end], g, in_hw, self.tokens_in.is_some()));
+            (&owned, 0)
+        };
+        let CpuStorage::F32(xt_data) = xt else { unreachable!() };
+        let xt_data = &xt_data[xt_start..xt_start + g.b * g.h * g.w * g.c];
+        let terms = self.channel_terms(g.b)?;
+        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual_guard {
+            Some((store, layout)) => {
+                let Storage::Cpu(CpuStorage::F32(r)) = &**store else { candle_core::bail!("conv2d: residual must be f32 on the CPU") };
+                let Some((rs, re)) = layout.contiguous_offsets() else { candle_core::bail!("conv2d: non-contiguous residual") };
+                if re - rs != g.b * self.o * hw_out {
+                    candle_core::bail!("conv2d: residual {:?} does not match the output", layout.dims());
+                }
+                Some(&r[rs..re])
+            }
+            None => None,
         };
         let (w_store, w_layout) = self.w_pm.storage_and_layout();
         let Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("frozen-conv2d: kernel not on the CPU") };
-        let mut out = vec![0f32; g.b * self.o * hw_out];
         let tile = tile_pixels(kc, pixels);
-        // The pointwise case reads its patches straight from the channels-last input.
-        let xt = CpuStorage::F32(xt);
+        let gemm = |lhs: &CpuStorage, offset: usize, n: usize| -> candle_core::Result<Vec<f32>> {
+            let l = Layout::contiguous_with_offset((n, kc), offset);
+            match lhs.matmul(w_cpu, (1, n, self.o, kc), &l, w_layout)? {
+                CpuStorage::F32(y) => Ok(y),
+                _ => candle_core::bail!("frozen-conv2d: gemm gave no f32"),
+            }
+        };
+        if self.tokens_out && g.pointwise() && tile >= pixels {
+            // One gemm straight into the output.
+            let mut y = gemm(xt, xt_start, pixels)?;
+            add_channel_terms(&mut y, &terms, self.o, hw_out);
+            return Ok(y);
+        }
+        let mut out = vec![0f32; g.b * self.o * hw_out];
         let mut cols = CpuStorage::F32(if g.pointwise() { Vec::new() } else { vec![0f32; tile.min(pixels) * kc] });
         for p0 in (0..pixels).step_by(tile) {
             let n = tile.min(pixels - p0);
-            let y = if g.pointwise() {
-                let l = Layout::contiguous_with_offset((n, kc), p0 * kc);
-                xt.matmul(w_cpu, (1, n, self.o, kc), &l, w_layout)?
+            let mut y = if g.pointwise() {
+                // Patches are the channels-last input itself.
+                gemm(xt, xt_start + p0 * kc, n)?
             } else {
                 let CpuStorage::F32(buf) = &mut cols else { unreachable!() };
-                let CpuStorage::F32(src) = &xt else { unreachable!() };
-                im2col_channels_last(src, g, p0, &mut buf[..n * kc]);
-                cols.matmul(w_cpu, (1, n, self.o, kc), &Layout::contiguous((n, kc)), w_layout)?
+                im2col_channels_last(xt_data, g, p0, &mut buf[..n * kc]);
+                gemm(&cols, 0, n)?
             };
-            let CpuStorage::F32(y) = y else { candle_core::bail!("frozen-conv2d: gemm gave no f32") };
-            scatter_tile(&y, &bias, p0, hw_out, &mut out);
+            if self.tokens_out {
+                add_channel_terms_at(&mut y, &terms, self.o, hw_out, p0);
+                out[p0 * self.o..(p0 + n) * self.o].copy_from_slice(&y);
+            } else {
+                scatter_tile(&y, &terms, residual, self.o, p0, hw_out, &mut out);
+            }
         }
         Ok(out)
     }
 }
 
-/// `x [B, C, h, w]` as channels-last `[B, H, W, C]`, nearest-upsampled from `h × w` to the
-/// geometry's `H × W` (the same source indices as candle's `upsample_nearest2d`).
-fn channels_last(x: &[f32], g: &Geometry, (h, w): (usize, usize)) -> Vec<f32> {
+/// Adds the per-image channel terms to pixel-major rows `y [pixels, O]` starting at pixel 0.
+fn add_channel_terms(y: &mut [f32], terms: &[f32], o: usize, hw_out: usize) {
+    add_channel_terms_at(y, terms, o, hw_out, 0)
+}
+
+/// As [`add_channel_terms`] for rows that start at pixel `p0`.
+fn add_channel_terms_at(y: &mut [f32], terms: &[f32], o: usize, hw_out: usize, p0: usize) {
+    let per_task = (16 * 1024 / o).max(1);
+    y.par_chunks_mut(per_task * o).enumerate().for_each(|(t, chunk)| {
+        for (i, row) in chunk.chunks_exact_mut(o).enumerate() {
+            let b = (p0 + t * per_task + i) / hw_out;
+            for (v, &a) in row.iter_mut().zip(&terms[b * o..(b + 1) * o]) {
+                *v += a;
+            }
+        }
+    });
+}
+
+/// `x [B, C, h, w]` (or tokens `[B, h·w, C]` when `tokens`) as channels-last `[B, H, W, C]`,
+/// nearest-upsampled from `h × w` to the geometry's `H × W` (the same source indices as candle's
+/// `upsample_nearest2d`).
+fn channels_last(x: &[f32], g: &Geometry, (h, w): (usize, usize), tokens: bool) -> Vec<f32> {
     let src_idx = |dst: usize, src: usize| -> Vec<usize> {
         let scale = src as f64 / dst as f64;
         (0..dst).map(|i| ((i as f64 * scale) as usize).min(src - 1)).collect()
@@ -184,6 +298,13 @@ fn channels_last(x: &[f32], g: &Geometry, (h, w): (usize, usize)) -> Vec<f32> {
     out.par_chunks_mut(g.w * c).enumerate().for_each(|(row, dst)| {
         let (b, y) = (row / g.h, row % g.h);
         let img = &x[b * c * h * w..][..c * h * w];
+        if tokens {
+            let src = &img[sy[y] * w * c..][..w * c];
+            for (xo, &xi) in sx.iter().enumerate() {
+                dst[xo * c..(xo + 1) * c].copy_from_slice(&src[xi * c..(xi + 1) * c]);
+            }
+            return;
+        }
         let src_row = sy[y] * w;
         for (ch, plane) in img.chunks_exact(h * w).enumerate() {
             let src = &plane[src_row..src_row + w];
@@ -236,36 +357,40 @@ fn im2col_channels_last(xt: &[f32], g: &Geometry, p0: usize, cols: &mut [f32]) {
 }
 
 /// Writes a pixel-major gemm tile `y [n, O]` for pixels `p0..p0+n` into `out [B, O, Ho·Wo]`,
-/// adding the bias.
-fn scatter_tile(y: &[f32], bias: &[f32], p0: usize, hw_out: usize, out: &mut [f32]) {
-    let o = bias.len();
+/// adding the per-image channel terms `[B · O]` and the residual `[B, O, Ho·Wo]`.
+fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0: usize, hw_out: usize, out: &mut [f32]) {
     let n = y.len() / o;
-    // (image, first pixel within it, count, offset in the tile) for each image the tile touches.
-    let mut spans = Vec::new();
-    let mut p = p0;
-    while p < p0 + n {
-        let (b, s) = (p / hw_out, p % hw_out);
-        let len = (hw_out - s).min(p0 + n - p);
-        spans.push((b, s, len, p - p0));
-        p += len;
-    }
-    let mut rows: Vec<(usize, &mut [f32], usize, usize)> = Vec::new();
-    let mut rest = out;
-    let mut consumed = 0;
-    for &(b, s, len, t0) in &spans {
-        let (_, tail) = rest.split_at_mut(b * o * hw_out - consumed);
-        let (img, tail) = tail.split_at_mut(o * hw_out);
-        consumed = (b + 1) * o * hw_out;
-        rest = tail;
+    // Output rows (image b, channel ch) restricted to the tile's pixels, with the tile row of
+    // their first pixel.
+    let mut rows: Vec<(usize, usize, &mut [f32], usize)> = Vec::new();
+    let first_image = p0 / hw_out;
+    for (i, img) in out.chunks_exact_mut(o * hw_out).enumerate().skip(first_image) {
+        let img_start = i * hw_out;
+        if img_start >= p0 + n {
+            break;
+        }
+        let (s0, s1) = (p0.max(img_start) - img_start, (p0 + n).min(img_start + hw_out) - img_start);
         for (ch, row) in img.chunks_exact_mut(hw_out).enumerate() {
-            rows.push((ch, &mut row[s..s + len], t0, len));
+            rows.push((i, ch, &mut row[s0..s1], img_start + s0 - p0));
         }
     }
-    rows.par_iter_mut().with_min_len(8).for_each(|(ch, dst, t0, _)| {
-        let (ch, t0) = (*ch, *t0);
-        let b = bias[ch];
-        for (i, d) in dst.iter_mut().enumerate() {
-            *d = y[(t0 + i) * o + ch] + b;
+    rows.par_iter_mut().with_min_len(8).for_each(|(b, ch, dst, t0)| {
+        let (b, ch, t0) = (*b, *ch, *t0);
+        let add = terms[b * o + ch];
+        let src = y[t0 * o + ch..].iter().step_by(o);
+        match residual {
+            Some(r) => {
+                let s0 = p0 + t0 - b * hw_out;
+                let r = &r[(b * o + ch) * hw_out + s0..][..dst.len()];
+                for ((d, &v), &rv) in dst.iter_mut().zip(src).zip(r) {
+                    *d = v + add + rv;
+                }
+            }
+            None => {
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    *d = v + add;
+                }
+            }
         }
     });
 }
@@ -309,22 +434,20 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.geometry(layout.dims())?;
+        let (g, in_hw) = self.geometry(layout.dims())?;
         if g.c != self.c {
             candle_core::bail!("conv2d: {} input channels for a kernel of {}", g.c, self.c);
         }
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("frozen-conv2d: f32 only") };
-        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous input") };
-        let dims = layout.dims();
-        let out = self.forward_vec(&data[start..end], (dims[2], dims[3]), &g)?;
-        Ok((CpuStorage::F32(out), Shape::from((g.b, self.o, g.ho, g.wo))))
+        let out = self.forward_vec(storage, layout, in_hw, &g)?;
+        let shape = if self.tokens_out { Shape::from((g.b, g.ho * g.wo, self.o)) } else { Shape::from((g.b, self.o, g.ho, g.wo)) };
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if self.bias.is_some() || self.upsample.is_some() {
-            candle_core::bail!("frozen-conv2d: no backward for the inference-only bias and upsampling");
+        if self.bias.is_some() || self.upsample.is_some() || self.channel_add.is_some() || self.residual.is_some() || self.tokens_in.is_some() || self.tokens_out {
+            candle_core::bail!("frozen-conv2d: no backward for the inference-only extras");
         }
-        let g = self.geometry(arg.dims())?;
+        let (g, _) = self.geometry(arg.dims())?;
         let kk = g.c * g.k * g.k;
         let n = g.ho * g.wo;
         let w2t = self.w.reshape((self.o, kk))?.t()?.contiguous()?;
@@ -382,7 +505,8 @@ mod tests {
             let x = randn(&[3, c, h, w], 1);
             let kernel = randn(&[4, c, k, k], 2);
             let bias = randn(&[4], 3);
-            let ours = conv2d_inference(&x, &kernel, None, Some(&bias), padding, stride, up).unwrap().unwrap();
+            let extras = ConvExtras { upsample: up, ..Default::default() };
+            let ours = conv2d_inference(&x, &kernel, None, Some(&bias), padding, stride, extras).unwrap().unwrap();
             let xu = match up {
                 Some((th, tw)) => x.upsample_nearest2d(th, tw).unwrap(),
                 None => x.clone(),
@@ -393,6 +517,39 @@ mod tests {
         }
         // Anything that needs a gradient is refused.
         let xv = Var::from_tensor(&randn(&[1, 2, 4, 4], 4)).unwrap();
-        assert!(conv2d_inference(xv.as_tensor(), &randn(&[3, 2, 3, 3], 5), None, None, 1, 1, None).unwrap().is_none());
+        assert!(conv2d_inference(xv.as_tensor(), &randn(&[3, 2, 3, 3], 5), None, None, 1, 1, ConvExtras::default()).unwrap().is_none());
+    }
+
+    #[test]
+    fn conv_extras_match_the_composite_form() {
+        use crate::model::nn::Conv2d;
+        use crate::model::params::{Params, WeightStore};
+        let store = WeightStore::random(7, DType::F32, &Device::Cpu);
+        let targets = Default::default();
+        let p = Params::root(&store, &targets);
+        for (k, padding, c, o, h, w) in [(3, 1, 5, 6, 6, 7), (1, 0, 70, 9, 20, 20), (3, 1, 70, 9, 20, 20)] {
+            let conv = Conv2d::load(&p.pp(format!("c{k}_{c}")), c, o, k, 1, padding, true).unwrap();
+            let x = randn(&[3, c, h, w], 1);
+            let t = randn(&[3, o], 2);
+            let r = randn(&[3, o, h, w], 3);
+            let tokens = x.reshape((3, c, h * w)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let cases: Vec<(&str, Tensor, ConvExtras)> = vec![
+                ("channel_add", x.clone(), ConvExtras { channel_add: Some(&t), ..Default::default() }),
+                ("residual", x.clone(), ConvExtras { residual: Some(&r), ..Default::default() }),
+                ("both", x.clone(), ConvExtras { channel_add: Some(&t), residual: Some(&r), ..Default::default() }),
+                ("tokens_out", x.clone(), ConvExtras { tokens_out: true, ..Default::default() }),
+                ("tokens_in", tokens.clone(), ConvExtras { tokens_in: Some((h, w)), residual: Some(&r), ..Default::default() }),
+                ("tokens_in_out", tokens.clone(), ConvExtras { tokens_in: Some((h, w)), tokens_out: true, ..Default::default() }),
+            ];
+            for (name, input, extras) in cases {
+                let fused = conv.forward_with(&input, extras).unwrap();
+                // A Var input takes the composite, differentiable path.
+                let var = Var::from_tensor(&input).unwrap();
+                let slow = conv.forward_with(var.as_tensor(), extras).unwrap();
+                assert!(slow.track_op());
+                assert_eq!(fused.dims(), slow.dims(), "{name}");
+                assert!(max_diff(&fused, &slow) < 1e-4, "{name} k{k} c{c}: {}", max_diff(&fused, &slow));
+            }
+        }
     }
 }

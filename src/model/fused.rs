@@ -137,6 +137,83 @@ impl CustomOp1 for GegluCpu {
     }
 }
 
+/// `x @ wᵀ + bias` over the last dimension of `x`, then either GEGLU or `+ residual`, in the
+/// gemm output's single pass.
+pub struct LinearCpu {
+    /// `[out, in]`, contiguous.
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Same shape as the output.
+    pub residual: Option<Tensor>,
+    pub geglu: bool,
+}
+
+impl CustomOp1 for LinearCpu {
+    fn name(&self) -> &'static str {
+        "linear-cpu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous input") };
+        let (out_f, in_f) = self.weight.dims2()?;
+        let mut dims = layout.dims().to_vec();
+        if dims.last() != Some(&in_f) {
+            candle_core::bail!("linear: input {dims:?} for a weight of {out_f}x{in_f}");
+        }
+        let rows = (end - start) / in_f.max(1);
+        let (w_store, w_layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("linear: weight not on the CPU") };
+        let Some((w_start, _)) = w_layout.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous weight") };
+        // The weight read as its transpose `[in, out]`.
+        let wt = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_start);
+        let x = Layout::contiguous_with_offset((rows, in_f), start);
+        let CpuStorage::F32(mut y) = storage.matmul(w_cpu, (1, rows, out_f, in_f), &x, &wt)? else {
+            candle_core::bail!("linear: f32 only")
+        };
+        let bias = match &self.bias {
+            Some(b) => b.to_vec1::<f32>()?,
+            None => vec![0f32; out_f],
+        };
+        let per_task = rows_per_task(rows, out_f, 16 * 1024);
+        if self.geglu {
+            let half = out_f / 2;
+            *dims.last_mut().expect("non-empty") = half;
+            let mut out = vec![0f32; rows * half];
+            out.par_chunks_mut(per_task * half).zip(y.par_chunks_mut(per_task * out_f)).for_each(|(o, ys)| {
+                for row in ys.chunks_exact_mut(out_f) {
+                    kernels::add_rows(row, &bias);
+                }
+                kernels::geglu_rows(ys, o, half);
+            });
+            return Ok((CpuStorage::F32(out), Shape::from(dims)));
+        }
+        *dims.last_mut().expect("non-empty") = out_f;
+        let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual_guard {
+            Some((store, l)) => {
+                let candle_core::Storage::Cpu(CpuStorage::F32(r)) = &**store else { candle_core::bail!("linear: residual must be f32 on the CPU") };
+                let Some((rs, re)) = l.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous residual") };
+                if re - rs != y.len() {
+                    candle_core::bail!("linear: residual {:?} does not match the output {dims:?}", l.dims());
+                }
+                Some(&r[rs..re])
+            }
+            None => None,
+        };
+        y.par_chunks_mut(per_task * out_f).enumerate().for_each(|(t, ys)| {
+            let res = residual.map(|r| &r[t * per_task * out_f..][..ys.len()]);
+            for (i, row) in ys.chunks_exact_mut(out_f).enumerate() {
+                kernels::add_rows(row, &bias);
+                if let Some(r) = res {
+                    kernels::add_rows(row, &r[i * out_f..(i + 1) * out_f]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
@@ -208,5 +285,29 @@ mod tests {
         let qv = Var::from_tensor(&q).unwrap();
         let slow = crate::model::nn::attention(qv.as_tensor(), &k, &v, None).unwrap();
         assert!(max_diff(&fused, &slow) < 1e-5);
+    }
+
+    #[test]
+    fn fused_linear_matches_the_composite_form() {
+        use crate::model::nn::Linear;
+        let store = WeightStore::random(5, candle_core::DType::F32, &Device::Cpu);
+        let targets = Default::default();
+        let p = Params::root(&store, &targets);
+        for (rows, inp, out, bias) in [(7, 5, 6, true), (300, 64, 128, true), (3, 16, 8, false)] {
+            let lin = Linear::load(&p.pp(format!("l{rows}_{bias}")), inp, out, bias).unwrap();
+            let x = Tensor::randn(0f32, 1., (2, rows, inp), &Device::Cpu).unwrap();
+            let r = Tensor::randn(0f32, 1., (2, rows, out), &Device::Cpu).unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let pairs = [
+                (lin.forward(&x).unwrap(), lin.forward(xv.as_tensor()).unwrap()),
+                (lin.forward_residual(&x, &r).unwrap(), lin.forward_residual(xv.as_tensor(), &r).unwrap()),
+                (lin.forward_geglu(&x).unwrap(), lin.forward_geglu(xv.as_tensor()).unwrap()),
+            ];
+            for (i, (fused, slow)) in pairs.iter().enumerate() {
+                assert!(slow.track_op());
+                assert_eq!(fused.dims(), slow.dims());
+                assert!(max_diff(fused, slow) < 1e-5, "case {i} rows {rows}: {}", max_diff(fused, slow));
+            }
+        }
     }
 }

@@ -85,6 +85,14 @@ pub fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
     0.5 * x * (1.0 + erf)
 }
 
+/// `x ← x + a`, element-wise.
+#[inline]
+pub fn add_rows(x: &mut [f32], a: &[f32]) {
+    for (v, &b) in x.iter_mut().zip(a) {
+        *v += b;
+    }
+}
+
 dispatch! {
     /// `x ← silu(x)`.
     pub fn silu_inplace(xs: &mut [f32]) {

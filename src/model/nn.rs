@@ -12,6 +12,7 @@ use candle_core::{D, Module, Tensor, TensorId};
 
 use crate::error::Result;
 use crate::model::adapters::{AdaptableLayer, LayerKind};
+pub use crate::model::conv::ConvExtras;
 use crate::model::params::{Init, Params};
 
 /// `a @ b` with `a` made contiguous first (see the module docs).
@@ -45,7 +46,32 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, false)
+    }
+
+    /// `forward(x) + residual`; one pass over the output on the CPU without gradients.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, Some(residual), false)
+    }
+
+    /// GEGLU of the output: its first half times the exact GELU of its second half.
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, true)
+    }
+
+    fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
         let w = self.layer.effective_weight();
+        let live = self.layer.live_adapters();
+        let frozen = |t: &Tensor| !t.track_op() && fused_cpu(t);
+        if live.is_empty() && frozen(x) && frozen(&w) && w.is_contiguous() && self.bias.as_ref().is_none_or(frozen) && residual.is_none_or(frozen) {
+            let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+            let residual = match residual {
+                Some(r) if !r.is_contiguous() => Some(r.contiguous()?),
+                r => r.cloned(),
+            };
+            let op = crate::model::fused::LinearCpu { weight: w, bias: self.bias.clone(), residual, geglu };
+            return Ok(x.apply_op1_no_bwd(&op)?);
+        }
         let dims = x.dims().to_vec();
         let in_f = *dims.last().expect("linear input has at least one dim");
         let rows = x.elem_count() / in_f;
@@ -54,14 +80,21 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        for a in self.layer.live_adapters() {
+        for a in live {
             let h = matmul(&x2, &a.down.as_tensor().t()?)?;
             let d = matmul(&h, &a.up.as_tensor().t()?)?;
             y = (y + (d * a.scale)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        let y = y.reshape(out_dims)?;
+        if geglu {
+            return geglu_composite(&y);
+        }
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
     }
 }
 
@@ -104,29 +137,35 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_impl(x, None)
+        self.forward_with(x, ConvExtras::default())
     }
 
     /// Nearest-neighbour upsampling of `x` to `size`, then this convolution. Without gradients
     /// on the CPU the upsampled input is never materialised.
     pub fn forward_upsampled(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-        self.forward_impl(x, Some(size))
+        self.forward_with(x, ConvExtras { upsample: Some(size), ..Default::default() })
     }
 
-    fn forward_impl(&self, x: &Tensor, upsample: Option<(usize, usize)>) -> Result<Tensor> {
+    /// This convolution with the [`ConvExtras`] folded into its output pass when no gradient is
+    /// needed on the CPU, and applied as separate (differentiable) ops otherwise.
+    pub fn forward_with(&self, x: &Tensor, extras: ConvExtras<'_>) -> Result<Tensor> {
         let w = self.layer.effective_weight();
         let live = self.layer.live_adapters();
         if live.is_empty() && !x.track_op() && fused_cpu(x) {
             let pm = self.pixel_major_kernel(&w)?;
-            let y = crate::model::conv::conv2d_inference(x, &w, Some(&pm), self.bias.as_ref(), self.padding, self.stride, upsample)?;
+            let y = crate::model::conv::conv2d_inference(x, &w, Some(&pm), self.bias.as_ref(), self.padding, self.stride, extras)?;
             if let Some(y) = y {
                 return Ok(y);
             }
         }
-        let x = match upsample {
-            Some((h, wd)) => x.upsample_nearest2d(h, wd)?,
-            None => x.clone(),
-        };
+        let mut x = x.clone();
+        if let Some((h, wd)) = extras.tokens_in {
+            let (b, _, c) = x.dims3()?;
+            x = x.transpose(1, 2)?.contiguous()?.reshape((b, c, h, wd))?;
+        }
+        if let Some((h, wd)) = extras.upsample {
+            x = x.upsample_nearest2d(h, wd)?;
+        }
         let mut y = conv2d(&x, &w, self.padding, self.stride)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
@@ -135,6 +174,16 @@ impl Conv2d {
             let h = conv2d(&x, a.down.as_tensor(), self.padding, self.stride)?;
             let d = conv2d(&h, a.up.as_tensor(), 0, 1)?;
             y = (y + (d * a.scale)?)?;
+        }
+        if let Some(t) = extras.channel_add {
+            y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(r) = extras.residual {
+            y = (y + r)?;
+        }
+        if extras.tokens_out {
+            let (b, o, h, wd) = y.dims4()?;
+            y = y.reshape((b, o, h * wd))?.transpose(1, 2)?.contiguous()?;
         }
         Ok(y)
     }
@@ -273,6 +322,10 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         let h = if h.is_contiguous() { h.clone() } else { h.contiguous()? };
         return Ok(h.apply_op1_no_bwd(&crate::model::fused::GegluCpu)?);
     }
+    geglu_composite(h)
+}
+
+fn geglu_composite(h: &Tensor) -> Result<Tensor> {
     let half = h.dim(D::Minus1)? / 2;
     let hidden = h.narrow(D::Minus1, 0, half)?;
     let gate = h.narrow(D::Minus1, half, half)?;
