@@ -305,12 +305,27 @@ fn channels_last(x: &[f32], g: &Geometry, (h, w): (usize, usize), tokens: bool) 
             }
             return;
         }
+        // Eight channels at a time: eight reads, one contiguous 32-byte write per pixel.
         let src_row = sy[y] * w;
-        for (ch, plane) in img.chunks_exact(h * w).enumerate() {
-            let src = &plane[src_row..src_row + w];
-            for (xo, &xi) in sx.iter().enumerate() {
-                dst[xo * c + ch] = src[xi];
+        let plane = |ch: usize| &img[ch * h * w + src_row..][..w];
+        let mut ch = 0;
+        while ch < c {
+            let nb = (c - ch).min(8);
+            let planes: [&[f32]; 8] = std::array::from_fn(|i| plane(ch + i.min(nb - 1)));
+            if w == g.w {
+                for (xo, d) in dst.chunks_exact_mut(c).enumerate() {
+                    for (i, v) in d[ch..ch + nb].iter_mut().enumerate() {
+                        *v = planes[i][xo];
+                    }
+                }
+            } else {
+                for (d, &xi) in dst.chunks_exact_mut(c).zip(&sx) {
+                    for (i, v) in d[ch..ch + nb].iter_mut().enumerate() {
+                        *v = planes[i][xi];
+                    }
+                }
             }
+            ch += nb;
         }
     });
     out
@@ -359,10 +374,12 @@ fn im2col_channels_last(xt: &[f32], g: &Geometry, p0: usize, cols: &mut [f32]) {
 /// Writes a pixel-major gemm tile `y [n, O]` for pixels `p0..p0+n` into `out [B, O, Ho·Wo]`,
 /// adding the per-image channel terms `[B · O]` and the residual `[B, O, Ho·Wo]`.
 fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0: usize, hw_out: usize, out: &mut [f32]) {
+    const BLOCK: usize = 8;
     let n = y.len() / o;
-    // Output rows (image b, channel ch) restricted to the tile's pixels, with the tile row of
-    // their first pixel.
-    let mut rows: Vec<(usize, usize, &mut [f32], usize)> = Vec::new();
+    // Blocks of up to eight output rows (image b, channels ch0..) restricted to the tile's
+    // pixels s0..s1, with the tile row of pixel s0: each pixel's eight values are contiguous in
+    // `y`, so a block reads `y` once.
+    let mut blocks: Vec<(usize, usize, &mut [f32], usize, usize, usize)> = Vec::new();
     let first_image = p0 / hw_out;
     for (i, img) in out.chunks_exact_mut(o * hw_out).enumerate().skip(first_image) {
         let img_start = i * hw_out;
@@ -370,26 +387,24 @@ fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0
             break;
         }
         let (s0, s1) = (p0.max(img_start) - img_start, (p0 + n).min(img_start + hw_out) - img_start);
-        for (ch, row) in img.chunks_exact_mut(hw_out).enumerate() {
-            rows.push((i, ch, &mut row[s0..s1], img_start + s0 - p0));
+        for (j, block) in img.chunks_mut(BLOCK * hw_out).enumerate() {
+            blocks.push((i, j * BLOCK, block, s0, s1, img_start + s0 - p0));
         }
     }
-    rows.par_iter_mut().with_min_len(8).for_each(|(b, ch, dst, t0)| {
-        let (b, ch, t0) = (*b, *ch, *t0);
-        let add = terms[b * o + ch];
-        let src = y[t0 * o + ch..].iter().step_by(o);
-        match residual {
-            Some(r) => {
-                let s0 = p0 + t0 - b * hw_out;
-                let r = &r[(b * o + ch) * hw_out + s0..][..dst.len()];
-                for ((d, &v), &rv) in dst.iter_mut().zip(src).zip(r) {
-                    *d = v + add + rv;
-                }
-            }
-            None => {
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    *d = v + add;
-                }
+    blocks.par_iter_mut().for_each(|(b, ch0, block, s0, s1, t0)| {
+        let (b, ch0, s0, s1, t0) = (*b, *ch0, *s0, *s1, *t0);
+        let nb = block.len() / hw_out;
+        let add = &terms[b * o + ch0..][..nb];
+        let mut rows: Vec<&mut [f32]> = block.chunks_exact_mut(hw_out).map(|r| &mut r[s0..s1]).collect();
+        let res: Vec<&[f32]> = match residual {
+            Some(r) => (0..nb).map(|j| &r[(b * o + ch0 + j) * hw_out + s0..][..s1 - s0]).collect(),
+            None => Vec::new(),
+        };
+        for t in 0..s1 - s0 {
+            let src = &y[(t0 + t) * o + ch0..][..nb];
+            for j in 0..nb {
+                let v = src[j] + add[j];
+                rows[j][t] = if res.is_empty() { v } else { v + res[j][t] };
             }
         }
     });
