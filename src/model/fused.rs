@@ -214,6 +214,69 @@ impl CustomOp1 for LinearCpu {
     }
 }
 
+/// Multi-head attention without a mask on `[B, N, H·d]` queries and `[B, M, H·d]` keys and
+/// values, straight from and to that layout (see [`kernels::attention_rows`]).
+pub struct AttentionCpu {
+    pub heads: usize,
+    pub scale: f32,
+}
+
+impl candle_core::CustomOp3 for AttentionCpu {
+    fn name(&self) -> &'static str {
+        "attention-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (contiguous_f32(qs, ql, "attention")?, contiguous_f32(ks, kl, "attention")?, contiguous_f32(vs, vl, "attention")?);
+        let (b, n, hd) = ql.shape().dims3()?;
+        let (kb, m, khd) = kl.shape().dims3()?;
+        if kb != b || khd != hd || vl.dims() != kl.dims() || hd % self.heads != 0 || m == 0 {
+            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} for {} heads", ql.dims(), kl.dims(), vl.dims(), self.heads);
+        }
+        let (h, d) = (self.heads, hd / self.heads);
+        let (mp, dp) = kernels::attention_padding(m, d);
+        // Per (image, head): keys transposed and values, padded for the register tiles.
+        let mut kt = vec![0f32; b * h * d * mp];
+        let mut vp = vec![0f32; b * h * m * dp];
+        kt.par_chunks_mut(d * mp).zip(vp.par_chunks_mut(m * dp)).enumerate().for_each(|(bh, (kt, vp))| {
+            let (bi, hi) = (bh / h, bh % h);
+            for j in 0..m {
+                let at = (bi * m + j) * hd + hi * d;
+                for (t, &x) in k[at..at + d].iter().enumerate() {
+                    kt[t * mp + j] = x;
+                }
+                vp[j * dp..j * dp + d].copy_from_slice(&v[at..at + d]);
+            }
+        });
+        let q: Vec<f32> = if self.scale == 1.0 { q.to_vec() } else { q.iter().map(|x| x * self.scale).collect() };
+        let mut out = vec![0f32; b * n * hd];
+        // Row runs of a multiple of the 4-query block, about four per thread per image.
+        let rows = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(16).next_multiple_of(4).min(n.max(1));
+        out.par_chunks_mut(n * hd)
+            .enumerate()
+            .flat_map(|(bi, img)| img.par_chunks_mut(rows * hd).enumerate().map(move |(c, o)| (bi, c * rows, o)))
+            .for_each(|(bi, i0, o)| {
+                let mut scratch = Vec::new();
+                let nrows = o.len() / hd;
+                for hi in 0..h {
+                    let bh = bi * h + hi;
+                    let kv = kernels::HeadKv { kt: &kt[bh * d * mp..][..d * mp], v: &vp[bh * m * dp..][..m * dp], m, m_pad: mp, d, d_pad: dp };
+                    let qh = &q[(bi * n + i0) * hd + hi * d..];
+                    kernels::attention_rows(qh, hd, nrows, &kv, &mut o[hi * d..], hd, &mut scratch);
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((b, n, hd))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Tensor, Var};
@@ -308,6 +371,23 @@ mod tests {
                 assert_eq!(fused.dims(), slow.dims());
                 assert!(max_diff(fused, slow) < 1e-5, "case {i} rows {rows}: {}", max_diff(fused, slow));
             }
+        }
+    }
+
+    #[test]
+    fn fused_multi_head_attention_matches_the_composite_form() {
+        // Odd sizes exercise the padding of keys, head dims and query blocks.
+        for (b, n, m, heads, d) in [(2, 33, 20, 4, 16), (1, 7, 77, 2, 40), (3, 256, 256, 1, 64), (2, 5, 1, 3, 3)] {
+            let q = Tensor::randn(0f32, 1., (b, n, heads * d), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1., (b, m, heads * d), &Device::Cpu).unwrap();
+            let v = Tensor::randn(0f32, 1., (b, m, heads * d), &Device::Cpu).unwrap();
+            let fused = crate::model::nn::attention_heads(&q, &k, &v, heads).unwrap();
+            let qv = Var::from_tensor(&q).unwrap();
+            let slow = crate::model::nn::attention_heads(qv.as_tensor(), &k, &v, heads).unwrap();
+            assert!(slow.track_op());
+            assert_eq!(fused.dims(), slow.dims());
+            let d = max_diff(&fused, &slow);
+            assert!(d < 1e-5, "b{b} n{n} m{m} h{heads}: {d}");
         }
     }
 }

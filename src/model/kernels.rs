@@ -158,22 +158,174 @@ fn max_lanes(xs: &[f32]) -> f32 {
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
 
+/// In-place softmax of one row of `x · scale`.
+#[inline(always)]
+fn softmax_row<const FMA: bool>(row: &mut [f32], scale: f32) {
+    let max = max_lanes(row);
+    // A row of -inf (fully masked) would give 0/0; shift by 0 instead.
+    let shift = if max.is_finite() { max * scale } else { 0.0 };
+    for v in row.iter_mut() {
+        *v = exp::<FMA>(madd::<FMA>(*v, scale, -shift));
+    }
+    let inv = 1.0 / sum_lanes(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
 dispatch! {
     /// In-place softmax of `x · scale`, one row of length `width` at a time.
     pub fn softmax_rows(xs: &mut [f32], width: usize, scale: f32) {
         for row in xs.chunks_exact_mut(width) {
-            let max = max_lanes(row);
-            // A row of -inf (fully masked) would give 0/0; shift by 0 instead.
-            let shift = if max.is_finite() { max * scale } else { 0.0 };
-            for v in row.iter_mut() {
-                *v = exp::<FMA>(madd::<FMA>(*v, scale, -shift));
+            softmax_row::<FMA>(row, scale);
+        }
+    }
+}
+
+/// Queries per register block of [`attention_rows`].
+const QB: usize = 4;
+/// Keys (or value columns) per register block: two AVX vectors.
+const KB: usize = 16;
+
+/// One head's keys and values, laid out for [`attention_rows`].
+pub struct HeadKv<'a> {
+    /// Keys transposed, `[d, m_pad]`, zero beyond `m`.
+    pub kt: &'a [f32],
+    /// Values `[m, d_pad]`, zero beyond `d`.
+    pub v: &'a [f32],
+    pub m: usize,
+    pub m_pad: usize,
+    pub d: usize,
+    pub d_pad: usize,
+}
+
+/// Padded sizes for [`HeadKv`].
+pub fn attention_padding(m: usize, d: usize) -> (usize, usize) {
+    (m.next_multiple_of(KB), d.next_multiple_of(KB))
+}
+
+/// `QB` query rows `qb [QB, d]` times keys `j0..j0+KB` of `kt [d, mp]`.
+#[inline(always)]
+fn scores_tile<const FMA: bool>(qb: &[f32], d: usize, kt: &[f32], mp: usize, j0: usize) -> [[f32; KB]; QB] {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        use std::arch::x86_64::*;
+        assert!(d == 0 || (kt.len() >= (d - 1) * mp + j0 + KB && qb.len() >= QB * d));
+        // SAFETY: FMA is only set in the AVX2+FMA build (see `dispatch!`); the assert bounds
+        // every read.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 2 * QB];
+            let (kp, qp) = (kt.as_ptr().add(j0), qb.as_ptr());
+            for t in 0..d {
+                let k = kp.add(t * mp);
+                let (k0, k1) = (_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8)));
+                for r in 0..QB {
+                    let a = _mm256_broadcast_ss(&*qp.add(r * d + t));
+                    acc[2 * r] = _mm256_fmadd_ps(a, k0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(a, k1, acc[2 * r + 1]);
+                }
             }
-            let inv = 1.0 / sum_lanes(row);
-            for v in row.iter_mut() {
-                *v *= inv;
+            let mut out = [[0f32; KB]; QB];
+            for r in 0..QB {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+            }
+            return out;
+        }
+    }
+    let mut acc = [[0f32; KB]; QB];
+    for t in 0..d {
+        let k = &kt[t * mp + j0..][..KB];
+        for r in 0..QB {
+            let a = qb[r * d + t];
+            for l in 0..KB {
+                acc[r][l] = madd::<FMA>(a, k[l], acc[r][l]);
             }
         }
     }
+    acc
+}
+
+/// `QB` probability rows (`p [QB, mp]`, first `m` used) times columns `c0..c0+KB` of
+/// `v [m, dp]`.
+#[inline(always)]
+fn values_tile<const FMA: bool>(p: &[f32], mp: usize, m: usize, v: &[f32], dp: usize, c0: usize) -> [[f32; KB]; QB] {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        use std::arch::x86_64::*;
+        assert!(m == 0 || (v.len() >= (m - 1) * dp + c0 + KB && p.len() >= (QB - 1) * mp + m));
+        // SAFETY: as in `scores_tile`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); 2 * QB];
+            let (vp, pp) = (v.as_ptr().add(c0), p.as_ptr());
+            for j in 0..m {
+                let x = vp.add(j * dp);
+                let (v0, v1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                for r in 0..QB {
+                    let a = _mm256_broadcast_ss(&*pp.add(r * mp + j));
+                    acc[2 * r] = _mm256_fmadd_ps(a, v0, acc[2 * r]);
+                    acc[2 * r + 1] = _mm256_fmadd_ps(a, v1, acc[2 * r + 1]);
+                }
+            }
+            let mut out = [[0f32; KB]; QB];
+            for r in 0..QB {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
+                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+            }
+            return out;
+        }
+    }
+    let mut acc = [[0f32; KB]; QB];
+    for j in 0..m {
+        let x = &v[j * dp + c0..][..KB];
+        for r in 0..QB {
+            let a = p[r * mp + j];
+            for l in 0..KB {
+                acc[r][l] = madd::<FMA>(a, x[l], acc[r][l]);
+            }
+        }
+    }
+    acc
+}
+
+dispatch! {
+    /// Attention of a run of query rows against one head: `q` holds `rows` queries of `d`
+    /// values `q_stride` apart (already scaled), each output row of `d` values is written
+    /// `o_stride` apart. Scores stay in a `QB × m` block in L1: no score matrix in memory, no
+    /// head split or merge copies.
+    pub fn attention_rows(q: &[f32], q_stride: usize, rows: usize, kv: &HeadKv<'_>, o: &mut [f32], o_stride: usize, scratch: &mut Vec<f32>) {
+        let (m, mp, d, dp) = (kv.m, kv.m_pad, kv.d, kv.d_pad);
+        scratch.resize(QB * mp + QB * d, 0.0);
+        let (s, qb) = scratch.split_at_mut(QB * mp);
+        for i0 in (0..rows).step_by(QB) {
+            let nq = QB.min(rows - i0);
+            for r in 0..QB {
+                let dst = &mut qb[r * d..(r + 1) * d];
+                if r < nq {
+                    dst.copy_from_slice(&q[(i0 + r) * q_stride..][..d]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+            // Scores: a QB × KB register tile per step over d.
+            for j0 in (0..mp).step_by(KB) {
+                let acc = scores_tile::<FMA>(qb, d, kv.kt, mp, j0);
+                for r in 0..QB {
+                    s[r * mp + j0..][..KB].copy_from_slice(&acc[r]);
+                }
+            }
+            for r in 0..nq {
+                softmax_row::<FMA>(&mut s[r * mp..r * mp + m], 1.0);
+            }
+            // Probabilities times values: a QB × KB tile of the output per step over keys.
+            for c0 in (0..dp).step_by(KB) {
+                let acc = values_tile::<FMA>(s, mp, m, kv.v, dp, c0);
+                let width = KB.min(d - c0);
+                for r in 0..nq {
+                    o[(i0 + r) * o_stride + c0..][..width].copy_from_slice(&acc[r][..width]);
+                }
+            }
+        }    }
 }
 
 dispatch! {

@@ -385,6 +385,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
     matmul(&probs, v)
 }
 
+/// Multi-head attention without a mask on tokens: `q [B, N, H·d]` attends to `k`, `v`
+/// `[B, M, H·d]`; returns `[B, N, H·d]`. Without gradients on the CPU one fused kernel reads
+/// the heads in place; otherwise heads are split, [`attention`] runs, and they are merged.
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let untracked = !(q.track_op() || k.track_op() || v.track_op());
+    if untracked && fused_cpu(q) && fused_cpu(k) && fused_cpu(v) && m > 0 {
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() { t.clone() } else { t.contiguous()? }) };
+        let op = crate::model::fused::AttentionCpu { heads, scale: (1.0 / (d as f64).sqrt()) as f32 };
+        return Ok(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?);
+    }
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+    let o = attention(&split(q, n)?, &split(k, m)?, &split(v, m)?, None)?;
+    Ok(o.transpose(1, 2)?.reshape((b, n, inner))?)
+}
+
 /// Runs `f` on a rayon worker thread. gemm and the fused kernels split their work with rayon:
 /// from a worker each split starts at once, from any other thread it is a hand-off (wake a
 /// worker, sleep, be woken), and a UNet call makes dozens of them.

@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::model::nn::{Conv2d, GroupNorm, Linear, attention};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, attention_heads};
 use crate::model::params::Params;
 use crate::model::unet::blocks::{Downsample, ResnetBlock, Upsample};
 
@@ -151,10 +151,10 @@ impl SpatialSelfAttention {
         let (b, c, h, w) = x.dims4()?;
         // contiguous(): the transposed view must not reach a batched matmul (candle #3744).
         let y = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let q = self.to_q.forward(&y)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&y)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&y)?.unsqueeze(1)?;
-        let o = attention(&q, &k, &v, None)?.squeeze(1)?;
+        let q = self.to_q.forward(&y)?;
+        let k = self.to_k.forward(&y)?;
+        let v = self.to_v.forward(&y)?;
+        let o = attention_heads(&q, &k, &v, 1)?;
         let o = self.to_out.forward(&o)?.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
         Ok((o + x)?)
     }

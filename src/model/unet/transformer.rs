@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::nn::{Conv2d, ConvExtras, GroupNorm, LayerNorm, Linear, attention};
+use crate::model::nn::{Conv2d, ConvExtras, GroupNorm, LayerNorm, Linear, attention_heads};
 use crate::model::params::Params;
 
 /// Multi-head attention with diffusers' key names (`to_q`, `to_k`, `to_v`, `to_out.0`).
@@ -42,14 +42,7 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let (b, n, inner) = q.dims3()?;
-        let m = k.dim(1)?;
-        let d = inner / self.heads;
-        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let o = attention(&split(&q, n)?, &split(&k, m)?, &split(&v, m)?, None)?;
-        let o = o.transpose(1, 2)?.reshape((b, n, inner))?;
+        let o = attention_heads(&q, &k, &v, self.heads)?;
         match residual {
             Some(r) => self.to_out.forward_residual(&o, r),
             None => self.to_out.forward(&o),
