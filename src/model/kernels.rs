@@ -94,15 +94,6 @@ pub fn add_rows(x: &mut [f32], a: &[f32]) {
 }
 
 dispatch! {
-    /// `x ← silu(x)`.
-    pub fn silu_inplace(xs: &mut [f32]) {
-        for v in xs.iter_mut() {
-            *v = silu::<FMA>(*v);
-        }
-    }
-}
-
-dispatch! {
     /// `x ← x · scale + shift`, then SiLU when `act`.
     pub fn affine_into(src: &[f32], dst: &mut [f32], scale: f32, shift: f32, act: bool) {
         if act {
