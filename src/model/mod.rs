@@ -12,6 +12,7 @@ pub mod adapters;
 pub mod conv;
 pub mod ldm;
 pub mod fused;
+pub mod kernels;
 pub mod loading;
 pub mod nn;
 pub mod noise;

@@ -6,12 +6,13 @@
 //! otherwise. Batched matmuls always get a contiguous left operand (candle issue #3744: on the
 //! CPU a transposed left view gives wrong results after the first batch item).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{D, Module, Tensor};
+use candle_core::{D, Module, Tensor, TensorId};
 
 use crate::error::Result;
 use crate::model::adapters::{AdaptableLayer, LayerKind};
+pub use crate::model::conv::ConvExtras;
 use crate::model::params::{Init, Params};
 
 /// `a @ b` with `a` made contiguous first (see the module docs).
@@ -45,7 +46,32 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, false)
+    }
+
+    /// `forward(x) + residual`; one pass over the output on the CPU without gradients.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, Some(residual), false)
+    }
+
+    /// GEGLU of the output: its first half times the exact GELU of its second half.
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_fused(x, None, true)
+    }
+
+    fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
         let w = self.layer.effective_weight();
+        let live = self.layer.live_adapters();
+        let frozen = |t: &Tensor| !t.track_op() && fused_cpu(t);
+        if live.is_empty() && frozen(x) && frozen(&w) && w.is_contiguous() && self.bias.as_ref().is_none_or(frozen) && residual.is_none_or(frozen) {
+            let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+            let residual = match residual {
+                Some(r) if !r.is_contiguous() => Some(r.contiguous()?),
+                r => r.cloned(),
+            };
+            let op = crate::model::fused::LinearCpu { weight: w, bias: self.bias.clone(), residual, geglu };
+            return Ok(x.apply_op1_no_bwd(&op)?);
+        }
         let dims = x.dims().to_vec();
         let in_f = *dims.last().expect("linear input has at least one dim");
         let rows = x.elem_count() / in_f;
@@ -54,14 +80,21 @@ impl Linear {
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
-        for a in self.layer.live_adapters() {
+        for a in live {
             let h = matmul(&x2, &a.down.as_tensor().t()?)?;
             let d = matmul(&h, &a.up.as_tensor().t()?)?;
             y = (y + (d * a.scale)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
-        Ok(y.reshape(out_dims)?)
+        let y = y.reshape(out_dims)?;
+        if geglu {
+            return geglu_composite(&y);
+        }
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
     }
 }
 
@@ -72,6 +105,9 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
+    /// The effective weight in the fast CPU kernel's layout, keyed by the weight's id (a new
+    /// LoRA merge makes a new weight tensor).
+    pixel_major: Arc<Mutex<Option<(TensorId, Tensor)>>>,
 }
 
 impl Conv2d {
@@ -93,7 +129,7 @@ impl Conv2d {
             weight,
         );
         p.register(layer.clone());
-        Ok(Conv2d { layer, bias, stride, padding })
+        Ok(Conv2d { layer, bias, stride, padding, pixel_major: Default::default() })
     }
 
     pub fn layer(&self) -> &Arc<AdaptableLayer> {
@@ -101,17 +137,67 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, ConvExtras::default())
+    }
+
+    /// Nearest-neighbour upsampling of `x` to `size`, then this convolution. Without gradients
+    /// on the CPU the upsampled input is never materialised.
+    pub fn forward_upsampled(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        self.forward_with(x, ConvExtras { upsample: Some(size), ..Default::default() })
+    }
+
+    /// This convolution with the [`ConvExtras`] folded into its output pass when no gradient is
+    /// needed on the CPU, and applied as separate (differentiable) ops otherwise.
+    pub fn forward_with(&self, x: &Tensor, extras: ConvExtras<'_>) -> Result<Tensor> {
         let w = self.layer.effective_weight();
-        let mut y = conv2d(x, &w, self.padding, self.stride)?;
+        let live = self.layer.live_adapters();
+        if live.is_empty() && !x.track_op() && fused_cpu(x) {
+            let pm = self.pixel_major_kernel(&w)?;
+            let y = crate::model::conv::conv2d_inference(x, &w, Some(&pm), self.bias.as_ref(), self.padding, self.stride, extras)?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
+        }
+        let mut x = x.clone();
+        if let Some((h, wd)) = extras.tokens_in {
+            let (b, _, c) = x.dims3()?;
+            x = x.transpose(1, 2)?.contiguous()?.reshape((b, c, h, wd))?;
+        }
+        if let Some((h, wd)) = extras.upsample {
+            x = x.upsample_nearest2d(h, wd)?;
+        }
+        let mut y = conv2d(&x, &w, self.padding, self.stride)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
         }
-        for a in self.layer.live_adapters() {
-            let h = conv2d(x, a.down.as_tensor(), self.padding, self.stride)?;
+        for a in live {
+            let h = conv2d(&x, a.down.as_tensor(), self.padding, self.stride)?;
             let d = conv2d(&h, a.up.as_tensor(), 0, 1)?;
             y = (y + (d * a.scale)?)?;
         }
+        if let Some(t) = extras.channel_add {
+            y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(r) = extras.residual {
+            y = (y + r)?;
+        }
+        if extras.tokens_out {
+            let (b, o, h, wd) = y.dims4()?;
+            y = y.reshape((b, o, h * wd))?.transpose(1, 2)?.contiguous()?;
+        }
         Ok(y)
+    }
+
+    fn pixel_major_kernel(&self, w: &Tensor) -> Result<Tensor> {
+        let mut cache = self.pixel_major.lock().expect("conv cache lock poisoned");
+        if let Some((id, t)) = cache.as_ref() {
+            if *id == w.id() {
+                return Ok(t.clone());
+            }
+        }
+        let t = crate::model::conv::pixel_major_kernel(w)?;
+        *cache = Some((w.id(), t.clone()));
+        Ok(t)
     }
 }
 
@@ -207,11 +293,43 @@ impl LayerNorm {
 
 /// Softmax over the last dimension; fused when no gradient is needed.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
+    softmax_last_scaled(x, 1.0)
+}
+
+/// `softmax(x · scale)` over the last dimension. The fused CPU kernel applies the scale inside
+/// its exp, saving a pass over `x`.
+pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
+    if !x.track_op() && fused_cpu(x) {
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+        return Ok(x.apply_op1_no_bwd(&crate::model::fused::SoftmaxCpu { scale: scale as f32 })?);
+    }
+    let x = if scale == 1.0 { x.clone() } else { (x * scale)? };
+    if !x.track_op() {
+        let x = if x.is_contiguous() { x } else { x.contiguous()? };
         return Ok(candle_nn::ops::softmax_last_dim(&x)?);
     }
-    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+    Ok(candle_nn::ops::softmax(&x, D::Minus1)?)
+}
+
+/// Whether `x` can go to the fused CPU kernels of [`crate::model::fused`] (f32 on the CPU).
+pub fn fused_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// GEGLU over the last dimension: the first half times the exact GELU of the second half.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if !h.track_op() && fused_cpu(h) {
+        let h = if h.is_contiguous() { h.clone() } else { h.contiguous()? };
+        return Ok(h.apply_op1_no_bwd(&crate::model::fused::GegluCpu)?);
+    }
+    geglu_composite(h)
+}
+
+fn geglu_composite(h: &Tensor) -> Result<Tensor> {
+    let half = h.dim(D::Minus1)? / 2;
+    let hidden = h.narrow(D::Minus1, 0, half)?;
+    let gate = h.narrow(D::Minus1, half, half)?;
+    Ok((hidden * gate.gelu_erf()?)?)
 }
 
 /// The activations found in SD configs (`act_fn`, `hidden_act`).
@@ -249,14 +367,47 @@ impl Activation {
 
 /// Scaled dot-product attention over `[B, heads, N, d]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    let d = q.dim(D::Minus1)? as f64;
-    let q = (q * (1.0 / d.sqrt()))?;
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    // Without gradients (and without a mask, which must stay unscaled) the scale goes into the
+    // fused softmax instead of a pass over q.
+    let fold = mask.is_none() && !(q.track_op() || k.track_op() || v.track_op()) && fused_cpu(q);
+    let q = if fold { q.clone() } else { (q * scale)? };
     let mut scores = matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)?;
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
-    let probs = softmax_last(&scores)?;
+    if !scores.track_op() && fused_cpu(&scores) && scores.is_contiguous() {
+        // `scores` is a fresh tensor nothing else holds: normalise it in place.
+        scores.inplace_op1(&crate::model::fused::SoftmaxCpu { scale: if fold { scale as f32 } else { 1.0 } })?;
+        return matmul(&scores, v);
+    }
+    let probs = softmax_last_scaled(&scores, if fold { scale } else { 1.0 })?;
     matmul(&probs, v)
+}
+
+/// Multi-head attention without a mask on tokens: `q [B, N, H·d]` attends to `k`, `v`
+/// `[B, M, H·d]`; returns `[B, N, H·d]`. Without gradients on the CPU one fused kernel reads
+/// the heads in place; otherwise heads are split, [`attention`] runs, and they are merged.
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, inner) = q.dims3()?;
+    let m = k.dim(1)?;
+    let d = inner / heads;
+    let untracked = !(q.track_op() || k.track_op() || v.track_op());
+    if untracked && fused_cpu(q) && fused_cpu(k) && fused_cpu(v) && m > 0 {
+        let c = |t: &Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() { t.clone() } else { t.contiguous()? }) };
+        let op = crate::model::fused::AttentionCpu { heads, scale: (1.0 / (d as f64).sqrt()) as f32 };
+        return Ok(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?);
+    }
+    let split = |t: &Tensor, len: usize| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+    let o = attention(&split(q, n)?, &split(k, m)?, &split(v, m)?, None)?;
+    Ok(o.transpose(1, 2)?.reshape((b, n, inner))?)
+}
+
+/// Runs `f` on a rayon worker thread. gemm and the fused kernels split their work with rayon:
+/// from a worker each split starts at once, from any other thread it is a hand-off (wake a
+/// worker, sleep, be woken), and a UNet call makes dozens of them.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
 }
 
 /// An `nn.Embedding` table.

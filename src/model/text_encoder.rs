@@ -223,6 +223,10 @@ impl TextEncoder {
 
     /// Encodes `ids [B, tokens]` (u32). The pooled state is taken at the first end-of-text token.
     pub fn forward(&self, ids: &Tensor, choice: LayerChoice) -> Result<TextEncoding> {
+        crate::model::nn::on_worker(|| self.forward_on_worker(ids, choice))
+    }
+
+    fn forward_on_worker(&self, ids: &Tensor, choice: LayerChoice) -> Result<TextEncoding> {
         let (b, n) = ids.dims2()?;
         if n > self.config.max_position_embeddings {
             return Err(Error::invalid(format!(

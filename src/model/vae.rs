@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::model::nn::{Conv2d, GroupNorm, Linear, attention};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, attention_heads};
 use crate::model::params::Params;
 use crate::model::unet::blocks::{Downsample, ResnetBlock, Upsample};
 
@@ -151,10 +151,10 @@ impl SpatialSelfAttention {
         let (b, c, h, w) = x.dims4()?;
         // contiguous(): the transposed view must not reach a batched matmul (candle #3744).
         let y = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let q = self.to_q.forward(&y)?.unsqueeze(1)?;
-        let k = self.to_k.forward(&y)?.unsqueeze(1)?;
-        let v = self.to_v.forward(&y)?.unsqueeze(1)?;
-        let o = attention(&q, &k, &v, None)?.squeeze(1)?;
+        let q = self.to_q.forward(&y)?;
+        let k = self.to_k.forward(&y)?;
+        let v = self.to_v.forward(&y)?;
+        let o = attention_heads(&q, &k, &v, 1)?;
         let o = self.to_out.forward(&o)?.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
         Ok((o + x)?)
     }
@@ -320,6 +320,10 @@ impl Vae {
     /// Latents (already multiplied by the scaling factor, as the UNet sees them) to images in
     /// `[0, 1]`, `[B, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.decode_on_worker(latents))
+    }
+
+    fn decode_on_worker(&self, latents: &Tensor) -> Result<Tensor> {
         let mut z = (latents / self.config.scaling_factor)?;
         if let Some(s) = self.config.shift_factor {
             z = (z + s)?;
@@ -333,6 +337,10 @@ impl Vae {
 
     /// Images in `[0, 1]` to the mean of the latent distribution, scaled for the UNet.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.encode_on_worker(images))
+    }
+
+    fn encode_on_worker(&self, images: &Tensor) -> Result<Tensor> {
         let x = ((images * 2.0)? - 1.0)?;
         let mut h = self.encoder.forward(&x)?;
         if let Some(q) = &self.quant_conv {

@@ -4,7 +4,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::nn::{Conv2d, GroupNorm, Linear};
+use crate::model::nn::{Conv2d, ConvExtras, GroupNorm, Linear};
 use crate::model::params::Params;
 use crate::model::unet::transformer::{SpatialTransformer, SpatialTransformerConfig};
 
@@ -39,17 +39,17 @@ impl ResnetBlock {
 
     /// `temb` is the already-activated time embedding `[B, T]` (or `None` in the VAE).
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(t)?;
-            h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        // The time embedding and the skip are folded into the convolutions' output passes.
+        let t = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(t)) => Some(proj.forward(t)?),
+            _ => None,
+        };
+        let h = self.conv1.forward_with(&self.norm1.forward_silu(x)?, ConvExtras { channel_add: t.as_ref(), ..Default::default() })?;
         let skip = match &self.shortcut {
             Some(s) => s.forward(x)?,
             None => x.clone(),
         };
-        Ok((skip + h)?)
+        self.conv2.forward_with(&self.norm2.forward_silu(&h)?, ConvExtras { residual: Some(&skip), ..Default::default() })
     }
 }
 
@@ -88,7 +88,7 @@ impl Upsample {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((h * 2, w * 2));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        self.conv.forward_upsampled(x, (th, tw))
     }
 }
 

@@ -385,6 +385,16 @@ impl UNet {
         context: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.forward_on_worker(x, timesteps, context, added))
+    }
+
+    fn forward_on_worker(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor> {
         let b = x.dim(0)?;
         if timesteps.dims() != [b] || context.dim(0)? != b {
             return Err(Error::invalid(format!(

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::model::nn::{Conv2d, GroupNorm, LayerNorm, Linear, attention};
+use crate::model::nn::{Conv2d, ConvExtras, GroupNorm, LayerNorm, Linear, attention_heads};
 use crate::model::params::Params;
 
 /// Multi-head attention with diffusers' key names (`to_q`, `to_k`, `to_v`, `to_out.0`).
@@ -29,19 +29,24 @@ impl Attention {
 
     /// `x [B, N, C]` attends to `context [B, M, Cc]` (itself when `None`).
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_impl(x, context, None)
+    }
+
+    /// `forward(x, context) + residual`, the sum folded into the output projection.
+    pub fn forward_residual(&self, x: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
+        self.forward_impl(x, context, Some(residual))
+    }
+
+    fn forward_impl(&self, x: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let (b, n, inner) = q.dims3()?;
-        let m = k.dim(1)?;
-        let d = inner / self.heads;
-        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, len, self.heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let o = attention(&split(&q, n)?, &split(&k, m)?, &split(&v, m)?, None)?;
-        let o = o.transpose(1, 2)?.reshape((b, n, inner))?;
-        self.to_out.forward(&o)
+        let o = attention_heads(&q, &k, &v, self.heads)?;
+        match residual {
+            Some(r) => self.to_out.forward_residual(&o, r),
+            None => self.to_out.forward(&o),
+        }
     }
 }
 
@@ -60,12 +65,9 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let half = h.dim(candle_core::D::Minus1)? / 2;
-        let hidden = h.narrow(candle_core::D::Minus1, 0, half)?;
-        let gate = h.narrow(candle_core::D::Minus1, half, half)?;
-        self.out.forward(&(hidden * gate.gelu_erf()?)?)
+    /// `ff(x) + residual`.
+    fn forward(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out.forward_residual(&self.proj.forward_geglu(x)?, residual)
     }
 }
 
@@ -91,9 +93,9 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+        let x = self.attn1.forward_residual(&self.norm1.forward(x)?, None, x)?;
+        let x = self.attn2.forward_residual(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -150,21 +152,22 @@ impl SpatialTransformer {
             let ch = t.dim(1)?;
             Ok(t.reshape((b, ch, h * w))?.transpose(1, 2)?.contiguous()?)
         };
+        // Convolution projections read and write tokens directly, and proj_out adds the residual.
         let mut y = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(&conv.forward(&y)?)?,
+            Projection::Conv(conv) => conv.forward_with(&y, ConvExtras { tokens_out: true, ..Default::default() })?,
             Projection::Linear(lin) => lin.forward(&to_tokens(&y)?)?,
         };
         for block in &self.blocks {
             y = block.forward(&y, context)?;
         }
-        let inner = y.dim(2)?;
-        let from_tokens = |t: &Tensor, ch: usize| -> Result<Tensor> {
-            Ok(t.transpose(1, 2)?.contiguous()?.reshape((b, ch, h, w))?)
-        };
-        let y = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&from_tokens(&y, inner)?)?,
-            Projection::Linear(lin) => from_tokens(&lin.forward(&y)?, c)?,
-        };
-        Ok((y + residual)?)
+        match &self.proj_out {
+            Projection::Conv(conv) => {
+                conv.forward_with(&y, ConvExtras { tokens_in: Some((h, w)), residual: Some(residual), ..Default::default() })
+            }
+            Projection::Linear(lin) => {
+                let y = lin.forward(&y)?.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
+                Ok((y + residual)?)
+            }
+        }
     }
 }
