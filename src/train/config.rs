@@ -703,7 +703,7 @@ mod tests {
         assert_eq!(c.validation.as_ref().unwrap().every, 50);
         assert_eq!(c.validation.unwrap().suite, PathBuf::from("cfg/s.yaml"));
         let e = parse("dataset: d\ncheckpoint_every: 30\nvalidation_suite: s.yaml\nvalidation_every: 50\n").unwrap_err();
-        assert!(e.to_string().contains("cfg/train.yaml:5:"), "{e}");
+        assert!(e.to_string().contains("cfg/train.yaml:4:19:"), "{e}");
         assert!(e.to_string().contains("not a multiple"), "{e}");
     }
 }
