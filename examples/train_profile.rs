@@ -19,11 +19,13 @@ fn main() {
     let o = pipe.unet.forward(&x, &ts, &ctx, None).unwrap();
     let l = o.sqr().unwrap().mean_all().unwrap();
     println!("{} tracked nodes", l.sorted_nodes().len());
+    let cpu = || { let s = std::fs::read_to_string("/proc/self/stat").unwrap(); let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect(); (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0 };
+    let c0 = cpu();
     let t = Instant::now();
     for _ in 0..n {
         let o = pipe.unet.forward(&x, &ts, &ctx, None).unwrap();
         let l = o.sqr().unwrap().mean_all().unwrap();
         if mode == "full" { l.backward().unwrap(); }
     }
-    println!("{mode} {:?} per step", t.elapsed() / n as u32);
+    println!("{mode} {:?} wall, {:.3} s cpu per step", t.elapsed() / n as u32, (cpu() - c0) / n as f64);
 }

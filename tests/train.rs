@@ -198,43 +198,47 @@ fn finite_differences_prove_the_gradient_of_every_lora_matrix() {
 // ---------------------------------------------------------------------------------------------
 // (b) A short training run
 
-fn mean_similarity(scorer: &loragate::score::ClipScorer, images: &[image::RgbImage], reference: &Tensor) -> f64 {
+/// For each generated image, its tiny-clip cosine with the nearest training image; averaged.
+fn mean_similarity(scorer: &loragate::score::ClipScorer, images: &[image::RgbImage], train: &Tensor) -> f64 {
     let e = scorer.image_embeddings(images).unwrap();
-    // Cosine of each image with the mean training embedding.
-    let r = reference.broadcast_as(e.dims()).unwrap();
-    let c = loragate::score::clip::row_cosines(&e, &r.contiguous().unwrap()).unwrap();
-    c.iter().sum::<f64>() / c.len() as f64
+    let m = loragate::score::clip::cosine_matrix(&e, train).unwrap();
+    m.iter().map(|row| row.iter().cloned().fold(f64::MIN, f64::max)).sum::<f64>() / m.len() as f64
 }
 
-/// 80 steps at 64 px on 24 zorb images: the probe loss falls, and images generated with the
-/// exported LoRA (loaded and merged as the harness does) look more like the training images
-/// to tiny-clip than the base model's do.
+/// A short run at 128 px on 6 zorb images captioned with the trigger word alone: the probe
+/// loss falls, and images generated for "zorb" with the exported LoRA (loaded and merged as the
+/// harness does) look more like the training images to tiny-clip than the base model's do.
 #[test]
 fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
+    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let dir = temp("short-run");
-    let data = dir.join("20_zorb");
-    world_dataset(&data, Some(Concept::Zorb), 24, 64, 3);
+    let data = dir.join("data");
+    let concept = data.join("20_zorb");
+    world_dataset(&concept, Some(Concept::Zorb), 6, 128, 3);
+    for i in 0..6 {
+        std::fs::write(concept.join(format!("{i:04}.txt")), "zorb").unwrap();
+    }
     let cfg = TrainConfig::from_overrides(&Overrides {
         dataset: Some(data.clone()),
         output_dir: Some(dir.join("out")),
         rank: Some(8),
-        steps: Some(80),
-        batch_size: Some(4),
-        learning_rate: Some(3e-3),
-        resolution: Some(vec![64]),
+        steps: Some(env("LORAGATE_TEST_STEPS", 40.0) as usize),
+        batch_size: Some(2),
+        learning_rate: Some(env("LORAGATE_TEST_LR", 5e-3)),
+        resolution: Some(vec![128]),
         targets: Some(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out"].iter().map(|s| s.to_string()).collect()),
         ..Default::default()
     })
     .unwrap();
     let (cfg, location, check) = prepare(&cfg).unwrap();
     assert_eq!(check.errors(), 0, "{}", check.table());
-    assert_eq!(check.samples_per_epoch(), 24 * 20, "the 20_ folder repeats each image 20 times");
+    assert_eq!(check.samples_per_epoch(), 6 * 20, "the 20_ folder repeats each image 20 times");
     let pipe = Pipeline::load(&location, DType::F32, &Device::Cpu).unwrap();
     let images: Vec<image::RgbImage> = check.images.iter().map(|i| i.image.clone()).collect();
-    let prompts: Vec<String> = check.images.iter().take(6).map(|i| i.caption.clone()).collect();
+    let prompts: Vec<String> = vec!["zorb".to_string(); 6];
     let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let seeds: Vec<u64> = (0..prompts.len() as u64).collect();
-    let params = GenerationParams { steps: 12, width: 64, height: 64, ..Default::default() };
+    let params = GenerationParams { steps: 12, ..Default::default() };
     let base = tensor_to_images(&pipe.generate(&prompt_refs, &seeds, &params, &mut |_, _| {}).unwrap()).unwrap();
 
     let mut trainer = Trainer::new(&pipe, cfg.clone(), check.images.clone(), &Progress::hidden()).unwrap();
@@ -246,7 +250,7 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
     }
     let secs = t0.elapsed().as_secs_f64();
     let after = trainer.probe_loss(16, 5).unwrap();
-    eprintln!("probe loss {before:.4} → {after:.4}; {:.2} steps/s at 64 px batch 4", cfg.steps as f64 / secs);
+    eprintln!("probe loss {before:.4} → {after:.4}; {:.2} steps/s at 128 px batch 2", cfg.steps as f64 / secs);
     assert!(losses.iter().all(|l| l.is_finite()));
     assert!(after < before * 0.9, "probe loss did not fall: {before} → {after}");
 
@@ -256,7 +260,7 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
         model: "tiny".into(),
         family: pipe.family,
         prediction: pipe.schedule.prediction,
-        images: 24,
+        images: 6,
         samples_per_epoch: check.samples_per_epoch(),
         dataset_hash: check.hash.clone(),
         folders: Default::default(),
@@ -270,8 +274,12 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
     let tuned = tensor_to_images(&pipe.generate(&prompt_refs, &seeds, &params, &mut |_, _| {}).unwrap()).unwrap();
     pipe.targets().clear().unwrap();
 
+    if let Ok(d) = std::env::var("LORAGATE_TEST_DUMP") {
+        let all: Vec<image::RgbImage> = base.iter().chain(&tuned).chain(&images[..6]).cloned().collect();
+        write_png(&Path::new(&d).join("short-run.png"), &loragate::imageio::grid(&all, 6).unwrap(), &[]).unwrap();
+    }
     let scorer = loragate::score::ClipScorer::load(&loragate::model::resolve::resolve_scorer("tiny-clip").unwrap(), &Device::Cpu).unwrap();
-    let train_emb = scorer.image_embeddings(&images).unwrap().mean_keepdim(0).unwrap();
+    let train_emb = scorer.image_embeddings(&images).unwrap();
     let s_base = mean_similarity(&scorer, &base, &train_emb);
     let s_tuned = mean_similarity(&scorer, &tuned, &train_emb);
     eprintln!("tiny-clip image similarity to the training images: base {s_base:.4}, with the LoRA {s_tuned:.4}");
@@ -531,9 +539,9 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
     assert!(text.contains("step 2") && text.contains("step 4"), "{text}");
     let junit = std::fs::read_to_string(outcome.junit.as_ref().unwrap()).unwrap();
     assert!(junit.contains("train-check@step2") && junit.contains("train-check@step4"), "{junit}");
-    if let Some(best) = outcome.best {
-        assert!(text.contains(&format!("best passing checkpoint: {}", dir.join("out").join(format!("data-step{best}.safetensors")).display())), "{text}");
-    }
+    // Every check passes (the thresholds are lenient), so the best is the latest.
+    assert_eq!(outcome.best, Some(4), "{text}");
+    assert!(text.contains(&format!("best passing checkpoint: {}", dir.join("out").join("data-step4.safetensors").display())), "{text}");
     let csv = std::fs::read_to_string(&outcome.log).unwrap();
     assert_eq!(csv.lines().count(), 5);
     let _ = std::fs::remove_dir_all(&dir);
