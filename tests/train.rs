@@ -205,26 +205,30 @@ fn mean_similarity(scorer: &loragate::score::ClipScorer, images: &[image::RgbIma
     m.iter().map(|row| row.iter().cloned().fold(f64::MIN, f64::max)).sum::<f64>() / m.len() as f64
 }
 
-/// A short run at 128 px on 6 zorb images captioned with the trigger word alone: the probe
-/// loss falls, and images generated for "zorb" with the exported LoRA (loaded and merged as the
-/// harness does) look more like the training images to tiny-clip than the base model's do.
+/// A short run at 128 px teaching a new word a look: 6 images of a large blue square on a
+/// white background, captioned with the made-up trigger `zorb` alone. The probe loss falls, and
+/// images generated for "zorb" with the exported LoRA (loaded and merged as the harness does)
+/// look more like the training images to tiny-clip than the base model's do. (Teaching the
+/// world's zorb *shape* needs a long run; this test is about the machinery moving generation
+/// toward the data within a test's budget.)
 #[test]
 fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
-    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let dir = temp("short-run");
     let data = dir.join("data");
     let concept = data.join("20_zorb");
-    world_dataset(&concept, Some(Concept::Zorb), 6, 128, 3);
-    for i in 0..6 {
+    std::fs::create_dir_all(&concept).unwrap();
+    for i in 0..6u64 {
+        let (_, img) = loragate::world::render_prompt("blue square, large, in the center, white background", i, &RenderOptions::default()).unwrap();
+        write_png(&concept.join(format!("{i:04}.png")), &img, &[]).unwrap();
         std::fs::write(concept.join(format!("{i:04}.txt")), "zorb").unwrap();
     }
     let cfg = TrainConfig::from_overrides(&Overrides {
         dataset: Some(data.clone()),
         output_dir: Some(dir.join("out")),
         rank: Some(8),
-        steps: Some(env("LORAGATE_TEST_STEPS", 40.0) as usize),
+        steps: Some(40),
         batch_size: Some(2),
-        learning_rate: Some(env("LORAGATE_TEST_LR", 5e-3)),
+        learning_rate: Some(5e-3),
         resolution: Some(vec![128]),
         targets: Some(["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out"].iter().map(|s| s.to_string()).collect()),
         ..Default::default()
@@ -274,6 +278,7 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
     let tuned = tensor_to_images(&pipe.generate(&prompt_refs, &seeds, &params, &mut |_, _| {}).unwrap()).unwrap();
     pipe.targets().clear().unwrap();
 
+    // LORAGATE_TEST_DUMP=DIR writes base, LoRA and training images as one grid, for a look.
     if let Ok(d) = std::env::var("LORAGATE_TEST_DUMP") {
         let all: Vec<image::RgbImage> = base.iter().chain(&tuned).chain(&images[..6]).cloned().collect();
         write_png(&Path::new(&d).join("short-run.png"), &loragate::imageio::grid(&all, 6).unwrap(), &[]).unwrap();
@@ -283,7 +288,7 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
     let s_base = mean_similarity(&scorer, &base, &train_emb);
     let s_tuned = mean_similarity(&scorer, &tuned, &train_emb);
     eprintln!("tiny-clip image similarity to the training images: base {s_base:.4}, with the LoRA {s_tuned:.4}");
-    assert!(s_tuned > s_base + 0.02, "base {s_base:.4} vs LoRA {s_tuned:.4}");
+    assert!(s_tuned > s_base + 0.1, "base {s_base:.4} vs LoRA {s_tuned:.4}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
