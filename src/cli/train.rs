@@ -129,6 +129,14 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
+    // candle's pool for element-wise ops spin-waits for its workers; when other processes
+    // compete for the cores (CI runners, builds), that waiting costs more than the ops (a
+    // training step measured 4× slower on a busy 2-core machine). Matrix products still use
+    // every core. An explicit CANDLE_NUM_THREADS wins.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: nothing else runs yet: no thread has been started and no candle op has run.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     let o = a.overrides();
     let cfg = match &a.config {
         Some(p) => TrainConfig::load(p, &o)?,

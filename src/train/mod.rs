@@ -149,7 +149,7 @@ fn facts(cfg: &TrainConfig, pipe: &Pipeline, check: &DatasetCheck) -> export::Ru
 /// Checks that buckets fit the model: sides must divide into the UNet's latent levels.
 fn check_bucket_step(cfg: &TrainConfig, pipe: &Pipeline) -> Result<()> {
     let need = pipe.vae_factor() << pipe.unet.config.downsamplings();
-    if cfg.bucket_step % need != 0 {
+    if !cfg.bucket_step.is_multiple_of(need) {
         return Err(Error::invalid(format!(
             "bucket_step {} does not suit this model: bucket sides must be multiples of {need} (VAE factor {} × 2^{} UNet downsamplings)",
             cfg.bucket_step,

@@ -61,8 +61,7 @@ impl AdamW {
         let t = self.t as i32;
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
-        for i in 0..self.vars.len() {
-            let g = &grads[i];
+        for (i, g) in grads.iter().enumerate() {
             let theta = self.vars[i].as_tensor();
             let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
