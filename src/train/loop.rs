@@ -173,7 +173,8 @@ impl<'a> Trainer<'a> {
                 self.text_cache.clear();
             }
             let enc = self.pipe.encode_prompts(&missing, 1)?;
-            // Truncation warnings were shown by the dataset check's caption table; drop them here.
+            // Captions longer than the text encoder's context are cut, as in generation; the
+            // warning would repeat every step, so it is not collected here.
             let _ = self.pipe.take_warnings();
             for (k, c) in missing.iter().enumerate() {
                 self.text_cache.insert(c.to_string(), enc.context.get(k)?);
