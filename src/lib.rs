@@ -18,3 +18,4 @@ pub mod harness;
 pub mod baseline;
 pub mod report;
 pub mod world;
+pub mod train;

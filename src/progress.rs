@@ -42,6 +42,11 @@ impl Progress {
         self.bar.println(line);
     }
 
+    /// Runs `f` with the bar hidden, so lines printed meanwhile do not tear it.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }

@@ -6,6 +6,7 @@ mod inspect;
 mod junit;
 pub mod schema;
 mod suite;
+mod train;
 mod world;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ enum Command {
     MergeJunit(junit::MergeJunitArgs),
     /// The shapes world: write training sets, render the ground truth for a prompt.
     World(world::WorldArgs),
+    /// Train a LoRA; checkpoints are validated by a suite.
+    Train(train::TrainArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -55,6 +58,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Schema(a) => schema::run(a),
         Command::MergeJunit(a) => junit::run(a),
         Command::World(a) => world::run(a),
+        Command::Train(a) => train::run(a),
     }
 }
 

@@ -1,0 +1,284 @@
+//! The training loop: batches from the cached latents, noise and timesteps per sample from the
+//! seeded RNG, the UNet with live LoRA adapters, MSE against the schedule's training target,
+//! backprop, gradient clipping and an AdamW step at the scheduled learning rate.
+//!
+//! Latents are encoded once: every image is fitted to its bucket at each training resolution,
+//! `augment_variants` augmented copies are drawn (seeded per image, bucket and copy, so the
+//! cache does not depend on the order of work) and encoded by the VAE; a step picks one copy.
+//! Text encodings are cached by caption string.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::augment::{augment, process_caption};
+use super::config::TrainConfig;
+use super::dataset::{BatchSampler, Entry, TrainImage, entries, fit_to_bucket};
+use super::network::Network;
+use super::optim::{AdamW, LrSchedule, clip_grad_norm};
+use crate::error::{Error, Result};
+use crate::imageio::images_to_tensor;
+use crate::model::Pipeline;
+use crate::model::noise::{Rng, randn};
+use crate::progress::Progress;
+
+/// Most captions whose encodings are kept (a shuffled caption rarely repeats exactly, so
+/// the cache is bounded rather than grown forever).
+const TEXT_CACHE_LIMIT: usize = 4096;
+
+/// One cached training sample: a latent and the tags its augmentations add.
+#[derive(Debug, Clone)]
+struct CachedLatent {
+    latent: Tensor,
+    tags: Vec<&'static str>,
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// 1-based number of the step just done.
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    pub batch: usize,
+    pub seconds: f64,
+}
+
+/// A derived seed: the same inputs give the same stream whatever else the run does.
+fn mix(seed: u64, parts: &[u64]) -> u64 {
+    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for &p in parts {
+        h = (h ^ p).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 31;
+    }
+    h
+}
+
+/// The state of a training run.
+pub struct Trainer<'a> {
+    pub pipe: &'a Pipeline,
+    pub cfg: TrainConfig,
+    pub network: Network,
+    pub images: Vec<TrainImage>,
+    opt: AdamW,
+    schedule: LrSchedule,
+    /// The stream of batches, captions, noise and timesteps.
+    rng: Rng,
+    sampler: BatchSampler,
+    latents: HashMap<(Entry, usize), CachedLatent>,
+    text_cache: HashMap<String, Tensor>,
+    /// Steps done.
+    pub step: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Sets up a run: creates and attaches the network, and encodes every latent (progress
+    /// on `progress`). `cfg.resolutions` must be filled in.
+    pub fn new(pipe: &'a Pipeline, cfg: TrainConfig, images: Vec<TrainImage>, progress: &Progress) -> Result<Self> {
+        if images.is_empty() {
+            return Err(Error::invalid("no images to train on"));
+        }
+        if cfg.resolutions.is_empty() {
+            return Err(Error::invalid("no training resolution"));
+        }
+        let layers = super::network::select_layers(pipe.targets(), &cfg.targets)?;
+        // The network's initial values have their own stream, so changing e.g. the batch
+        // size does not change the starting point.
+        let mut init_rng = Rng::new(mix(cfg.seed, &[1]));
+        let network = Network::new(&layers, cfg.rank, cfg.alpha, &mut init_rng, pipe.dtype, &pipe.device)?;
+        let opt = AdamW::new(network.vars(), cfg.adamw)?;
+        let schedule = LrSchedule {
+            kind: cfg.lr_schedule,
+            peak: cfg.learning_rate,
+            min: cfg.min_learning_rate,
+            warmup: cfg.warmup_steps,
+            total: cfg.steps,
+        };
+        let all = entries(&images, &cfg.resolutions, cfg.bucket_step, cfg.max_aspect);
+        let sampler = BatchSampler::new(all.clone(), &images, cfg.batch_size);
+        let mut t = Trainer {
+            pipe,
+            network,
+            images,
+            opt,
+            schedule,
+            rng: Rng::new(mix(cfg.seed, &[2])),
+            sampler,
+            latents: HashMap::new(),
+            text_cache: HashMap::new(),
+            step: 0,
+            cfg,
+        };
+        t.cache_latents(&all, progress)?;
+        t.network.attach();
+        Ok(t)
+    }
+
+    /// Encodes every (entry, variant) once, a few images per VAE call.
+    fn cache_latents(&mut self, all: &[Entry], progress: &Progress) -> Result<()> {
+        let mut jobs: Vec<(Entry, usize)> = Vec::new();
+        for e in all {
+            for v in 0..self.cfg.augment_variants {
+                jobs.push((*e, v));
+            }
+        }
+        // Group by bucket so each VAE call has one size.
+        jobs.sort_by_key(|(e, v)| (e.bucket, e.image, *v));
+        let chunk = 8;
+        let mut i = 0;
+        while i < jobs.len() {
+            let bucket = jobs[i].0.bucket;
+            let mut j = i;
+            while j < jobs.len() && j - i < chunk && jobs[j].0.bucket == bucket {
+                j += 1;
+            }
+            let mut imgs = Vec::with_capacity(j - i);
+            let mut tags = Vec::with_capacity(j - i);
+            for (e, v) in &jobs[i..j] {
+                let fitted = fit_to_bucket(&self.images[e.image].image, e.bucket);
+                let mut rng = Rng::new(mix(self.cfg.seed, &[3, e.image as u64, e.bucket.0 as u64, e.bucket.1 as u64, *v as u64]));
+                let a = augment(&fitted, &self.cfg.image, &mut rng);
+                imgs.push(a.image);
+                tags.push(a.tags);
+            }
+            let pixels = images_to_tensor(&imgs, &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+            let lat = self.pipe.vae.encode(&pixels)?;
+            for (k, ((e, v), t)) in jobs[i..j].iter().zip(tags).enumerate() {
+                self.latents.insert((*e, *v), CachedLatent { latent: lat.get(k)?, tags: t });
+            }
+            progress.inc((j - i) as u64);
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Latents to encode in total (for a progress bar before [`Trainer::new`]).
+    pub fn latent_jobs(cfg: &TrainConfig, images: &[TrainImage]) -> usize {
+        images.len() * cfg.resolutions.len() * cfg.augment_variants
+    }
+
+    /// The UNet conditioning of captions, `[B, 77, D]`, from the cache where possible.
+    fn encode_captions(&mut self, captions: &[String]) -> Result<Tensor> {
+        let missing: Vec<&str> = {
+            let mut m: Vec<&str> = captions.iter().map(String::as_str).filter(|c| !self.text_cache.contains_key(*c)).collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        if !missing.is_empty() {
+            if self.text_cache.len() + missing.len() > TEXT_CACHE_LIMIT {
+                self.text_cache.clear();
+            }
+            let enc = self.pipe.encode_prompts(&missing, 1)?;
+            // Captions longer than the text encoder's context are cut, as in generation; the
+            // warning would repeat every step, so it is not collected here.
+            let _ = self.pipe.take_warnings();
+            for (k, c) in missing.iter().enumerate() {
+                self.text_cache.insert(c.to_string(), enc.context.get(k)?);
+            }
+        }
+        let rows: Vec<Tensor> = captions.iter().map(|c| self.text_cache[c].clone()).collect();
+        Ok(Tensor::stack(&rows, 0)?)
+    }
+
+    /// The loss of one batch: noise and timesteps from `rng`.
+    fn batch_loss(&mut self, batch: &[(Entry, usize)], captions: &[String], rng: &mut Rng) -> Result<Tensor> {
+        let x0 = Tensor::stack(&batch.iter().map(|k| self.latents[k].latent.clone()).collect::<Vec<_>>(), 0)?;
+        let dims = x0.dims().to_vec();
+        let b = dims[0];
+        let n_train = self.pipe.schedule.alphas_cumprod.len();
+        let mut noise_parts = Vec::with_capacity(b);
+        let mut ts = Vec::with_capacity(b);
+        for _ in 0..b {
+            // Per sample: its noise, then its timestep.
+            noise_parts.push(randn(rng, &dims[1..], &Device::Cpu)?);
+            ts.push(rng.below(n_train));
+        }
+        let noise = Tensor::stack(&noise_parts, 0)?.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+        let noisy = self.pipe.schedule.add_noise(&x0, &noise, &ts)?;
+        let target = self.pipe.schedule.training_target(&x0, &noise, &ts)?.to_dtype(self.pipe.dtype)?;
+        let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &self.pipe.device)?;
+        let context = self.encode_captions(captions)?;
+        let pred = self.pipe.unet.forward(&noisy, &t, &context, None)?;
+        Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+    }
+
+    /// One optimisation step.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let t0 = Instant::now();
+        let entries = self.sampler.next_batch(&mut self.rng);
+        let mut batch = Vec::with_capacity(entries.len());
+        let mut captions = Vec::with_capacity(entries.len());
+        for e in entries {
+            let v = self.rng.below(self.cfg.augment_variants);
+            let tags = self.latents[&(e, v)].tags.clone();
+            captions.push(process_caption(&self.images[e.image].caption, &tags, &self.cfg.caption, &mut self.rng));
+            batch.push((e, v));
+        }
+        let mut rng = std::mem::replace(&mut self.rng, Rng::new(0));
+        let loss = self.batch_loss(&batch, &captions, &mut rng);
+        self.rng = rng;
+        let loss = loss?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        if !loss_value.is_finite() {
+            return Err(Error::invalid(format!(
+                "the loss became {loss_value} at step {}; lower the learning rate (now {:.2e})",
+                self.step + 1,
+                self.schedule.at(self.step)
+            )));
+        }
+        let grads = loss.backward()?;
+        let mut g: Vec<Tensor> = self
+            .opt
+            .vars()
+            .iter()
+            .map(|v| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                // A variable the loss does not reach (cannot happen for a UNet target).
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<_>>()?;
+        let grad_norm = clip_grad_norm(&mut g, self.cfg.max_grad_norm)?;
+        let lr = self.schedule.at(self.step);
+        self.opt.step(&g, lr)?;
+        self.step += 1;
+        Ok(StepStats { step: self.step, loss: loss_value, lr, grad_norm, batch: batch.len(), seconds: t0.elapsed().as_secs_f64() })
+    }
+
+    /// The loss on a fixed probe (the first `n` entries, their plain captions, noise and
+    /// timesteps from `seed`), without gradients: comparable across steps, unlike the
+    /// training loss, whose timesteps are random.
+    pub fn probe_loss(&mut self, n: usize, seed: u64) -> Result<f64> {
+        let mut keys: Vec<(Entry, usize)> = self.latents.keys().filter(|(_, v)| *v == 0).copied().collect();
+        keys.sort();
+        keys.truncate(n.max(1));
+        let mut rng = Rng::new(seed);
+        let mut total = 0.0;
+        // One bucket per UNet call.
+        let mut by_bucket: std::collections::BTreeMap<(usize, usize), Vec<(Entry, usize)>> = Default::default();
+        for k in keys {
+            by_bucket.entry(k.0.bucket).or_default().push(k);
+        }
+        let mut count = 0;
+        for (_, ks) in by_bucket {
+            let captions: Vec<String> = ks.iter().map(|(e, _)| self.images[e.image].caption.clone()).collect();
+            let loss = self.batch_loss(&ks, &captions, &mut rng)?;
+            total += loss.to_scalar::<f32>()? as f64 * ks.len() as f64;
+            count += ks.len();
+        }
+        Ok(total / count.max(1) as f64)
+    }
+
+    /// The epoch the sampler is in (1-based once training has started).
+    pub fn epoch(&self) -> usize {
+        self.sampler.epoch
+    }
+
+    /// Samples per epoch.
+    pub fn epoch_len(&self) -> usize {
+        self.sampler.epoch_len()
+    }
+}
