@@ -1,0 +1,58 @@
+"""The peer: the same txt2img work as loragate's benchmark, with PyTorch + diffusers modules.
+
+tiny-sd from assets/tinyworld, 128x128, 20 DDIM steps, guidance 5, fp32 on the CPU, model
+loading excluded; prints the median of 5 runs per batch size as JSON.
+usage: diffusers_txt2img.py ASSETS_TINYWORLD
+"""
+import json, os, sys, time
+import torch
+import safetensors.torch as st
+from tokenizers import Tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
+
+torch.set_grad_enabled(False)
+sd = os.path.join(sys.argv[1], "tiny-sd")
+tok = Tokenizer.from_file(os.path.join(sd, "tokenizer", "tokenizer.json"))
+pad = tok.token_to_id("<|endoftext|>")
+
+def ids(texts):
+    out = torch.full((len(texts), 77), pad, dtype=torch.long)
+    for i, t in enumerate(texts):
+        e = tok.encode(t).ids[:77]
+        out[i, :len(e)] = torch.tensor(e)
+    return out
+
+te = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json")))
+weights = st.load_file(os.path.join(sd, "text_encoder", "model.safetensors"))
+inner = te.text_model if hasattr(te, "text_model") else te
+inner.load_state_dict({k.removeprefix("text_model."): v.float() for k, v in weights.items()})
+te.eval()
+unet = UNet2DConditionModel.from_pretrained(os.path.join(sd, "unet"), torch_dtype=torch.float32).eval()
+vae = AutoencoderKL.from_pretrained(os.path.join(sd, "vae"), torch_dtype=torch.float32).eval()
+sched_cfg = json.load(open(os.path.join(sd, "scheduler", "scheduler_config.json")))
+
+def txt2img(prompts, latents):
+    sch = DDIMScheduler(**{k: v for k, v in sched_cfg.items() if not k.startswith("_")})
+    sch.set_timesteps(20)
+    cond = te(ids(prompts)).last_hidden_state
+    unc = te(ids([""] * len(prompts))).last_hidden_state
+    x = latents
+    for t in sch.timesteps:
+        e = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([unc, cond])).sample
+        eu, ec = e.chunk(2)
+        x = sch.step(eu + 5.0 * (ec - eu), t, x).prev_sample
+    return ((vae.decode(x / 0.18215).sample + 1) / 2).clamp(0, 1)
+
+prompts = ["red circle, large, in the center, white background", "blue square, small, on the left, sunset background",
+           "yellow triangle, large, at the bottom, night background", "purple diamond, on the right, grass background"]
+g = torch.Generator().manual_seed(0)
+res = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+for b in (1, 4):
+    lat = torch.randn(b, 4, 16, 16, generator=g)
+    txt2img(prompts[:b], lat)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter(); txt2img(prompts[:b], lat); times.append(time.perf_counter() - t0)
+    res[f"batch{b}_s"] = sorted(times)[2]
+print(json.dumps(res))
