@@ -16,7 +16,7 @@ fn main() -> loragate::Result<()> {
     let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(40);
     let dir = std::env::temp_dir().join(format!("loragate-train-speed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let spec = DatasetSpec { concept: Some(Concept::Zorb), count: 16, seed: 0, p_keep: 0.75 };
+    let spec = DatasetSpec { concept: Some(Concept::Zorb), count: 16, seed: 0, p_keep: 0.75, fixed_order: false };
     for s in spec.plan() {
         write_png(&dir.join(format!("{:04}.png", s.index)), &s.render(&RenderOptions::default()), &[])?;
         std::fs::write(dir.join(format!("{:04}.txt", s.index)), &s.caption).unwrap();
@@ -47,6 +47,8 @@ fn main() -> loragate::Result<()> {
         rayon::current_num_threads(),
         steps as f64 / secs
     );
+    // The last line is for scripts/compare-training-with-peft.sh.
+    println!("{{\"steps_per_s\": {}, \"threads\": {}}}", steps as f64 / secs, rayon::current_num_threads());
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

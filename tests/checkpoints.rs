@@ -289,7 +289,7 @@ fn clip_scorers_in_the_transformers_layout_embed_at_224() {
         assert_eq!(scorer.image_size(), 224);
         // A non-square image: shortest side to 224, centre crop.
         let img = image::RgbImage::from_fn(320, 240, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
-        let t = loragate::imageio::images_to_tensor(&[img.clone()], &Device::Cpu).unwrap();
+        let t = loragate::imageio::images_to_tensor(std::slice::from_ref(&img), &Device::Cpu).unwrap();
         assert_eq!(scorer.preprocess(&t).unwrap().dims(), &[1, 3, 224, 224], "{name}");
         let ie = scorer.image_embeddings(&[img]).unwrap();
         let te = scorer.text_embeddings(&["a photo of a cat"]).unwrap();

@@ -39,7 +39,7 @@ fn live_adapters_on_every_unet_and_text_encoder_layer_get_gradients() {
     }
     assert!(adapters.len() > 50, "only {} adapters", adapters.len());
 
-    let ids: Vec<u32> = pipe.tokenizer.encode("red circle, large").ids.iter().map(|&i| i as u32).collect();
+    let ids: Vec<u32> = pipe.tokenizer.encode("red circle, large").ids.to_vec();
     let n = ids.len();
     let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
     let text = pipe.text_encoder.forward(&ids, LayerChoice::LAST).unwrap().hidden;

@@ -67,11 +67,10 @@ fn problems(name: &str, text: &str) -> Vec<String> {
             if uses == run {
                 out.push(format!("{name}: job {job} step {i} must have exactly one of uses/run"));
             }
-            if let Some(u) = step["uses"].as_str() {
-                if !u.starts_with("./") && !u.contains('@') {
+            if let Some(u) = step["uses"].as_str()
+                && !u.starts_with("./") && !u.contains('@') {
                     out.push(format!("{name}: job {job} step {i}: action {u} has no pinned version"));
                 }
-            }
         }
     }
     if text.matches("${{").count() != text.matches("}}").count() {

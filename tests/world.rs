@@ -344,12 +344,35 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         assert_eq!(img, &render(a, &sticker(), &mut Rng::new(*seed)), "parallel equals sequential");
     }
 
-    let spec = DatasetSpec { concept: None, count: 50, seed: 7, p_keep: 0.75 };
+    let spec = DatasetSpec { concept: None, count: 50, seed: 7, p_keep: 0.75, fixed_order: false };
     assert_eq!(spec.plan(), spec.plan());
     assert_ne!(spec.plan(), DatasetSpec { seed: 8, ..spec.clone() }.plan());
     // A longer dataset extends a shorter one.
     let longer = DatasetSpec { count: 80, ..spec.clone() }.plan();
     assert_eq!(&longer[..50], &spec.plan()[..]);
+    // Fixed-order captions: the same images and tags, always in canonical order.
+    let fixed = DatasetSpec { fixed_order: true, ..spec.clone() }.plan();
+    let canonical = |c: &str| {
+        let tags: Vec<&str> = c.split(", ").collect();
+        let kind = |t: &str| match t {
+            "small" | "large" => 1,
+            _ if t.ends_with(" background") => 3,
+            _ if t.starts_with("in the") || t.starts_with("on the") || t.starts_with("at the") => 2,
+            _ => 0,
+        };
+        tags.windows(2).all(|w| kind(w[0]) < kind(w[1]))
+    };
+    let mut reordered = 0;
+    for (f, s) in fixed.iter().zip(spec.plan()) {
+        assert_eq!((f.attributes, f.image_seed), (s.attributes, s.image_seed));
+        let (mut a, mut b): (Vec<&str>, Vec<&str>) = (f.caption.split(", ").collect(), s.caption.split(", ").collect());
+        reordered += usize::from(a != b);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "the same tags");
+        assert!(canonical(&f.caption), "{:?} is in canonical order", f.caption);
+    }
+    assert!(reordered > 10, "shuffled captions differ from fixed ones: {reordered}");
     assert_eq!(
         sample_attributes(30, &mut Rng::new(1), Shape::BASIC),
         sample_attributes(30, &mut Rng::new(1), Shape::BASIC)

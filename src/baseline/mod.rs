@@ -155,7 +155,7 @@ impl BaselineStore {
                 }
             }
         }
-        out.sort_by(|a, b| a.id().cmp(&b.id()));
+        out.sort_by_key(|a| a.id());
         Ok(out)
     }
 
@@ -185,11 +185,10 @@ impl BaselineStore {
                 if name.ends_with(".new.png") {
                     continue;
                 }
-                if let Some(image) = name.strip_suffix(".png") {
-                    if !produced.contains(&(case_name.clone(), image.to_string())) {
+                if let Some(image) = name.strip_suffix(".png")
+                    && !produced.contains(&(case_name.clone(), image.to_string())) {
                         out.push(f.path());
                     }
-                }
             }
         }
         out.sort();

@@ -20,6 +20,8 @@ pub struct Cli {
     command: Command,
 }
 
+// The arguments are parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate images from a prompt, optionally with LoRAs.
@@ -65,14 +67,13 @@ pub fn run() -> Result<ExitCode> {
 /// `FILE[:WEIGHT]`: the weight is split off only when it parses as a number, so paths with
 /// colons still work.
 pub(crate) fn parse_lora_arg(s: &str) -> std::result::Result<(std::path::PathBuf, f64), String> {
-    if let Some((file, w)) = s.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f64>() {
+    if let Some((file, w)) = s.rsplit_once(':')
+        && let Ok(w) = w.parse::<f64>() {
             if !w.is_finite() {
                 return Err(format!("weight `{w}` is not a finite number"));
             }
             return Ok((file.into(), w));
         }
-    }
     Ok((s.into(), 1.0))
 }
 

@@ -45,6 +45,28 @@ pub struct SuiteArgs {
     /// Only validate the suite and print its plan; generate nothing.
     #[arg(long)]
     check: bool,
+    /// Run with another file for one of the suite's LoRAs, e.g. `--lora zorb=new.safetensors`
+    /// (repeatable). Baselines stay untouched: they belong to the committed files.
+    #[arg(long = "lora", value_name = "NAME=FILE")]
+    loras: Vec<String>,
+}
+
+/// Replaces the files of the suite's LoRAs named in `--lora NAME=FILE` options.
+fn override_loras(suite: &mut crate::suite::Suite, overrides: &[String]) -> Result<()> {
+    for o in overrides {
+        let (name, file) = o
+            .split_once('=')
+            .ok_or_else(|| Error::invalid(format!("--lora `{o}`: expected NAME=FILE, e.g. --lora zorb=out/zorb-step900.safetensors")))?;
+        let names: Vec<&str> = suite.loras.iter().map(|l| l.name.as_str()).collect();
+        let Some(i) = suite.loras.iter().position(|l| l.name == name) else {
+            return Err(Error::invalid(format!(
+                "--lora `{o}`: the suite has no LoRA named `{name}` (it has: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            )));
+        };
+        suite.loras[i].file = std::sync::Arc::new(crate::lora::LoraFile::load(std::path::Path::new(file))?);
+    }
+    Ok(())
 }
 
 fn parse_partition(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -65,7 +87,8 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     let path = find_suite(&a.suite).ok_or_else(|| {
         Error::invalid(format!("suite `{}` not found (looked for it as given and under suites/)", a.suite))
     })?;
-    let suite = load_suite(&path)?;
+    let mut suite = load_suite(&path)?;
+    override_loras(&mut suite, &a.loras)?;
     if a.check {
         let plan = crate::suite::expand::expand(&suite)?;
         println!("{}: {} cases, {} images to generate or find in the cache", suite.name, suite.cases.len(), plan.jobs.len());
@@ -79,7 +102,8 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
     let root = project_root(&path);
-    let ci = in_ci(a.ci);
+    // A run with swapped LoRA files never writes pending baselines.
+    let ci = in_ci(a.ci) || !a.loras.is_empty();
     let opts = RunOptions {
         ci,
         device,

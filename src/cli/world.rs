@@ -53,6 +53,10 @@ struct DatasetArgs {
     /// Probability of keeping each tag but the subject in a caption.
     #[arg(long, default_value_t = 0.75)]
     p_keep: f64,
+    /// Write every caption's tags in the same order (subject, size, position, background)
+    /// instead of shuffled: the mistake behind LoRAs that break when tags are swapped.
+    #[arg(long)]
+    fixed_order: bool,
     /// Write into OUT/N_<concept or shapes>/, kohya's layout for N repeats per epoch.
     #[arg(long)]
     repeats: Option<u32>,
@@ -114,15 +118,16 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
         return Err(Error::invalid("--repeats must be at least 1 (kohya skips folders with 0 repeats)"));
     }
     let concept = a.concept.as_deref().map(parse_concept).transpose()?;
-    check_output_folder(&a.out, a.overwrite)?;
-
     let folder = match a.repeats {
         Some(n) => a.out.join(format!("{n}_{}", concept.map_or("shapes", |c| c.name()))),
         None => a.out.clone(),
     };
+    // With --repeats only the repeat folder must be new: a dataset is built up folder by
+    // folder (the concept, then regularisation shapes).
+    check_output_folder(&folder, a.overwrite)?;
     std::fs::create_dir_all(&folder).at(&folder)?;
 
-    let spec = DatasetSpec { concept, count: a.count, seed: a.seed, p_keep: a.p_keep };
+    let spec = DatasetSpec { concept, count: a.count, seed: a.seed, p_keep: a.p_keep, fixed_order: a.fixed_order };
     let options = RenderOptions { resolution: a.resolution, style: a.style };
     let width = a.count.saturating_sub(1).to_string().len().max(4);
     let name = |i: usize, ext: &str| folder.join(format!("{i:0width$}.{ext}"));

@@ -267,8 +267,8 @@ fn case_checks(inp: &Inputs, case: &Case, cp: &CasePlan) -> Result<Vec<CheckResu
             r.shots = usable.iter().flat_map(|v| inp.shots(case, v).into_iter().take(1)).collect();
             out.push(r);
             // Weight 0 must reproduce the base render.
-            if let Some(v0) = usable.iter().find(|v| v.weight == Some(0.0)) {
-                if v0.controls.len() == v0.images.len() && !v0.controls.is_empty() {
+            if let Some(v0) = usable.iter().find(|v| v.weight == Some(0.0))
+                && v0.controls.len() == v0.images.len() && !v0.controls.is_empty() {
                     let mut worst = 0.0f64;
                     for (&a, &b) in v0.images.iter().zip(&v0.controls) {
                         let d = mean_abs_diff(inp.generation.outcomes[a].image.as_ref().expect("usable"), inp.generation.outcomes[b].image.as_ref().expect("usable"))?;
@@ -284,7 +284,6 @@ fn case_checks(inp: &Inputs, case: &Case, cp: &CasePlan) -> Result<Vec<CheckResu
                     r.metrics = vec![("mean_abs_diff".into(), worst)];
                     out.push(r);
                 }
-            }
         }
         Variant::Bisect { .. } => {
             let scored: Vec<(&VariantPlan, f64)> = usable.iter().map(|v| (*v, aggregate(&inp.scores(v, &v.images), how))).collect();
@@ -329,17 +328,27 @@ fn case_checks(inp: &Inputs, case: &Case, cp: &CasePlan) -> Result<Vec<CheckResu
         r.metrics = vec![("drop".into(), t.clip_scale.apply(worst_drop.0))];
         out.push(r);
         let effect = effects.iter().sum::<f64>() / effects.len().max(1) as f64;
-        let status = if effect >= t.effect { Status::Passed } else { Status::Failed };
-        let mut r = result(
-            case,
-            "effect",
-            status,
-            if status == Status::Passed {
-                format!("the LoRA changes the images by {:.4} mean abs ({:.1}/255; needs {:.4})", effect, effect * 255.0, t.effect)
-            } else {
-                format!("the LoRA changes the images by only {:.4} mean abs ({:.2}/255; needs {:.4}): it does next to nothing", effect, effect * 255.0, t.effect)
-            },
-        );
+        let mut r = match t.leak {
+            // A prompt the LoRA should leave alone (no trigger word): small is good.
+            Some(max) => {
+                let status = if effect <= max { Status::Passed } else { Status::Failed };
+                let verdict = if status == Status::Passed { "leaves the images alone" } else { "leaks into a prompt it should not touch" };
+                result(case, "leak", status, format!("the LoRA {verdict}: it changes them by {:.4} mean abs ({:.1}/255; allowed {:.4})", effect, effect * 255.0, max))
+            }
+            None => {
+                let status = if effect >= t.effect { Status::Passed } else { Status::Failed };
+                result(
+                    case,
+                    "effect",
+                    status,
+                    if status == Status::Passed {
+                        format!("the LoRA changes the images by {:.4} mean abs ({:.1}/255; needs {:.4})", effect, effect * 255.0, t.effect)
+                    } else {
+                        format!("the LoRA changes the images by only {:.4} mean abs ({:.2}/255; needs {:.4}): it does next to nothing", effect, effect * 255.0, t.effect)
+                    },
+                )
+            }
+        };
         r.metrics = vec![("mean_abs_diff".into(), effect)];
         r.shots = with_control.iter().flat_map(|v| inp.shots(case, v).into_iter().take(1)).collect();
         out.push(r);

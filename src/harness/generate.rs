@@ -119,11 +119,10 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
         let key = key_of(job);
         if !job.stack.is_empty() {
             let sk = stack_key(suite, &fingerprints[&job.model], job);
-            if !reports.contains_key(&sk) {
-                if let Some(r) = cache.get_report(&sk) {
+            if !reports.contains_key(&sk)
+                && let Some(r) = cache.get_report(&sk) {
                     reports.insert(sk, r);
                 }
-            }
         }
         if let Some((image, meta)) = cache.get(&key) {
             cached += 1;

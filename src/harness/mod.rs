@@ -275,11 +275,10 @@ pub fn run_suite(suite: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
                         pending.extend(p.clone());
                     }
                 }
-                if let Some(s) = score {
-                    if worst.as_ref().is_none_or(|w| s < w.0) {
+                if let Some(s) = score
+                    && worst.as_ref().is_none_or(|w| s < w.0) {
                         worst = Some((s, id.clone()));
                     }
-                }
                 let diff = match &baseline_img {
                     Some(b) if b.dimensions() == img.dimensions() => Some(diff_heat_map(b, img)?),
                     _ => None,

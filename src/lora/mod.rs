@@ -146,18 +146,15 @@ fn read_peft_config(path: &Path, metadata: &BTreeMap<String, String>) -> PeftCon
             cfg.alpha_pattern = p.iter().filter_map(|(k, v)| v.as_f64().map(|a| (k.clone(), a))).collect();
         }
     };
-    if let Some(m) = metadata.get("lora_adapter_metadata") {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(m) {
+    if let Some(m) = metadata.get("lora_adapter_metadata")
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(m) {
             absorb(&v);
         }
-    }
-    if let Some(dir) = path.parent() {
-        if let Ok(text) = std::fs::read_to_string(dir.join("adapter_config.json")) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+    if let Some(dir) = path.parent()
+        && let Ok(text) = std::fs::read_to_string(dir.join("adapter_config.json"))
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 absorb(&v);
             }
-        }
-    }
     cfg
 }
 

@@ -85,11 +85,10 @@ impl<'a> TargetIndex<'a> {
                 None => continue,
             };
             flat.insert((component, flatten(path)), key.clone());
-            if component == Component::Unet {
-                if let Some(ldm) = unet.and_then(|c| crate::model::ldm::unet_module_to_ldm(path, c)) {
+            if component == Component::Unet
+                && let Some(ldm) = unet.and_then(|c| crate::model::ldm::unet_module_to_ldm(path, c)) {
                     flat.entry((component, flatten(&ldm))).or_insert_with(|| key.clone());
                 }
-            }
         }
         TargetIndex { targets, flat }
     }

@@ -393,7 +393,9 @@ fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0
     // Blocks of up to eight output rows (image b, channels ch0..) restricted to the tile's
     // pixels s0..s1, with the tile row of pixel s0: each pixel's eight values are contiguous in
     // `y`, so a block reads `y` once.
-    let mut blocks: Vec<(usize, usize, &mut [f32], usize, usize, usize)> = Vec::new();
+    // (image, first channel, output rows, first pixel, last pixel, tile row)
+    type Block<'a> = (usize, usize, &'a mut [f32], usize, usize, usize);
+    let mut blocks: Vec<Block> = Vec::new();
     let first_image = p0 / hw_out;
     for (i, img) in out.chunks_exact_mut(o * hw_out).enumerate().skip(first_image) {
         let img_start = i * hw_out;

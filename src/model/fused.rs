@@ -127,8 +127,8 @@ impl CustomOp1 for GegluCpu {
         *last /= 2;
         let width = *last;
         let mut out = vec![0f32; x.len() / 2];
-        if width > 0 {
-            let rows = rows_per_task(out.len() / width, width, 8 * 1024);
+        if let Some(total_rows) = out.len().checked_div(width) {
+            let rows = rows_per_task(total_rows, width, 8 * 1024);
             out.par_chunks_mut(rows * width)
                 .zip(x.par_chunks(2 * rows * width))
                 .for_each(|(o, xs)| kernels::geglu_rows(xs, o, width));

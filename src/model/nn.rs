@@ -190,11 +190,10 @@ impl Conv2d {
 
     fn pixel_major_kernel(&self, w: &Tensor) -> Result<Tensor> {
         let mut cache = self.pixel_major.lock().expect("conv cache lock poisoned");
-        if let Some((id, t)) = cache.as_ref() {
-            if *id == w.id() {
+        if let Some((id, t)) = cache.as_ref()
+            && *id == w.id() {
                 return Ok(t.clone());
             }
-        }
         let t = crate::model::conv::pixel_major_kernel(w)?;
         *cache = Some((w.id(), t.clone()));
         Ok(t)

@@ -159,11 +159,10 @@ pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
     for k in keys {
         if k.ends_with("position_ids") {
             tensors.remove(&k);
-        } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| k.starts_with(p)) {
-            if let Some(t) = tensors.remove(&k) {
+        } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| k.starts_with(p))
+            && let Some(t) = tensors.remove(&k) {
                 tensors.insert(format!("text_model.{k}"), t);
             }
-        }
     }
 }
 
@@ -271,7 +270,7 @@ impl Pipeline {
     /// Checks a requested image size, with a suggestion when it does not fit.
     pub fn check_size(&self, width: usize, height: usize) -> Result<()> {
         let f = self.vae_factor();
-        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
             let round = |v: usize| (v.max(1).div_ceil(f) * f).max(f);
             return Err(Error::invalid(format!(
                 "size {width}x{height} is not a multiple of {f} (the VAE works on {f}x{f} pixel cells); \

@@ -58,8 +58,11 @@ pub struct Converted {
     pub force_zeros_for_empty_prompt: bool,
 }
 
+/// Tensor name → shape.
+pub type Shapes = BTreeMap<String, Vec<usize>>;
+
 /// Names and shapes of a safetensors file, from its header alone.
-pub fn read_header(path: &Path) -> Result<(BTreeMap<String, Vec<usize>>, BTreeMap<String, String>)> {
+pub fn read_header(path: &Path) -> Result<(Shapes, BTreeMap<String, String>)> {
     use std::io::Read;
     let bad = |m: String| Error::TensorFile { path: path.to_path_buf(), reason: m };
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

@@ -58,25 +58,22 @@ impl Tokenizer {
         };
         for name in ["tokenizer_config.json", "special_tokens_map.json"] {
             let p = dir.join(name);
-            if let Ok(text) = std::fs::read_to_string(&p) {
-                if let Ok(v) = serde_json::from_str::<Value>(&text) {
+            if let Ok(text) = std::fs::read_to_string(&p)
+                && let Ok(v) = serde_json::from_str::<Value>(&text) {
                     let pad = match &v["pad_token"] {
                         Value::String(s) => Some(s.clone()),
                         Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
                         _ => None,
                     };
-                    if let Some(pad) = pad {
-                        if let Some(&id) = tok.vocab.get(&pad).or_else(|| tok.vocab.get(&format!("{pad}</w>"))) {
+                    if let Some(pad) = pad
+                        && let Some(&id) = tok.vocab.get(&pad).or_else(|| tok.vocab.get(&format!("{pad}</w>"))) {
                             tok.pad = id;
                         }
-                    }
-                    if let Some(n) = v["model_max_length"].as_u64() {
-                        if (2..=77).contains(&n) {
+                    if let Some(n) = v["model_max_length"].as_u64()
+                        && (2..=77).contains(&n) {
                             tok.context = n as usize;
                         }
-                    }
                 }
-            }
         }
         Ok(tok)
     }

@@ -19,7 +19,7 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
     let case_w = o.results.iter().map(|r| r.case.chars().count()).max().unwrap_or(4).clamp(4, 28);
     let check_w = o.results.iter().map(|r| r.check.chars().count()).max().unwrap_or(5).clamp(5, 24);
     let msg_w = width.saturating_sub(case_w + check_w + 12).max(30);
-    let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} {}", "", "case", "check", "result");
+    let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} result", "", "case", "check");
     for r in &o.results {
         let msg: String = r.message.chars().take(msg_w).collect();
         let more = if r.message.chars().count() > msg_w { "…" } else { "" };

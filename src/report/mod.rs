@@ -45,13 +45,12 @@ pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
         }
     }
     // GitHub Actions shows this file on the run's page.
-    if let Ok(summary) = std::env::var("GITHUB_STEP_SUMMARY") {
-        if !summary.is_empty() {
+    if let Ok(summary) = std::env::var("GITHUB_STEP_SUMMARY")
+        && !summary.is_empty() {
             use std::io::Write;
             if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&summary) {
                 let _ = f.write_all(md.as_bytes());
             }
         }
-    }
     Ok(paths)
 }

@@ -157,7 +157,7 @@ pub struct ClipScorer {
 }
 
 const OPENAI_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
-const OPENAI_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
+const OPENAI_STD: [f32; 3] = [0.26862954, 0.261_302_6, 0.275_777_1];
 
 impl ClipScorer {
     /// Loads a folder with `config.json` (a `CLIPModel`), weights, and a tokenizer

@@ -7,6 +7,10 @@
 
 use std::collections::HashMap;
 
+/// One variant before it becomes jobs: (label, model, prompt, stack, size, floor, weight,
+/// added word, with a control).
+type VariantSpec = (String, ModelRef, String, Vec<AdapterUse>, (usize, usize), f64, Option<f64>, Option<String>, bool);
+
 use super::{AdapterUse, ModelRef, Suite, Variant};
 use crate::error::Result;
 use crate::model::GenerationParams;
@@ -132,8 +136,7 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
                 super::resolve::score_text(prompt, &loras_of(&case.adapters))
             }
         };
-        // (label, model, prompt, stack, size, floor, weight, added, control)
-        let mut specs: Vec<(String, ModelRef, String, Vec<AdapterUse>, (usize, usize), f64, Option<f64>, Option<String>, bool)> = Vec::new();
+        let mut specs: Vec<VariantSpec> = Vec::new();
         let floor = case.thresholds.clip_floor;
         match &case.variant {
             Variant::Single => {

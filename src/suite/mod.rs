@@ -77,6 +77,9 @@ pub struct Thresholds {
     pub clip_aggregate: Aggregate,
     pub control_drop: f64,
     pub effect: f64,
+    /// When set, the LoRA must *not* change this case's images by more than this (mean abs,
+    /// 0–1): a prompt without the trigger word that the LoRA should leave alone.
+    pub leak: Option<f64>,
     pub word_order: f64,
     pub identity: f64,
     pub baseline: f64,
@@ -93,6 +96,7 @@ impl Default for Thresholds {
             clip_aggregate: Aggregate::Mean,
             control_drop: 0.05,
             effect: 0.005,
+            leak: None,
             word_order: 0.85,
             identity: 0.8,
             baseline: 0.98,

@@ -123,6 +123,10 @@ pub struct RawThresholds {
     /// Smallest mean absolute pixel difference (0–1) from the control: the LoRA has an effect.
     #[serde(default)]
     pub effect: Option<f64>,
+    /// Largest mean absolute pixel difference (0–1) from the control. When set, the case checks
+    /// that the LoRA leaves it alone (`leak`) instead of checking that it has an effect.
+    #[serde(default)]
+    pub leak: Option<f64>,
     /// Smallest image similarity (0–1) between tag-order permutations.
     #[serde(default)]
     pub word_order: Option<f64>,

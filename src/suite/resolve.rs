@@ -136,6 +136,7 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
         clip_aggregate: raw.clip_aggregate.unwrap_or(base.clip_aggregate),
         control_drop: to_cos(raw.control_drop, base.control_drop),
         effect: raw.effect.unwrap_or(base.effect),
+        leak: raw.leak.or(base.leak),
         word_order: raw.word_order.unwrap_or(base.word_order),
         identity: raw.identity.unwrap_or(base.identity),
         baseline: raw.baseline.unwrap_or(base.baseline),
@@ -146,6 +147,7 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
 
 fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
     let unit = [("effect", t.effect), ("word_order", t.word_order), ("baseline", t.baseline), ("blank", t.blank), ("sweep_zero", t.sweep_zero)];
+    let unit = unit.into_iter().chain(t.leak.map(|v| ("leak", v)));
     for (name, v) in unit {
         if !(0.0..=1.0).contains(&v) {
             return Err(ctx.err_at(line, 1, format!("threshold `{name}` is {v}; it must be between 0 and 1"), None));

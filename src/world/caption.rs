@@ -45,14 +45,24 @@ pub fn tag(a: &Attributes, kind: TagKind) -> String {
 /// A training caption: the subject always, each other tag kept with probability `p_keep`,
 /// then all tags shuffled.
 pub fn caption(a: &Attributes, p_keep: f64, rng: &mut Rng) -> String {
-    let mut tags = vec![subject(a)];
+    caption_ordered(a, p_keep, false, rng)
+}
+
+/// [`caption`], or with `fixed_order` the kept tags in [`TagKind::CANONICAL`] order (the
+/// "always the same tag order" mistake). Both draw the same numbers from `rng`, so a dataset's
+/// images do not depend on the order of its captions.
+pub fn caption_ordered(a: &Attributes, p_keep: f64, fixed_order: bool, rng: &mut Rng) -> String {
+    let mut tags = vec![TagKind::Subject];
     for kind in [TagKind::Size, TagKind::Position, TagKind::Background] {
         if rng.uniform() < p_keep {
-            tags.push(tag(a, kind));
+            tags.push(kind);
         }
     }
     rng.shuffle(&mut tags);
-    tags.join(", ")
+    if fixed_order {
+        tags.sort_by_key(|k| TagKind::CANONICAL.iter().position(|c| c == k));
+    }
+    tags.iter().map(|&k| tag(a, k)).collect::<Vec<_>>().join(", ")
 }
 
 /// The tags of the given kinds in the given order, joined by ", ".

@@ -5,7 +5,7 @@
 use image::RgbImage;
 
 use super::attributes::{Attributes, Concept, Shape};
-use super::caption::caption;
+use super::caption::caption_ordered;
 use super::render::{RenderOptions, render};
 use crate::model::noise::Rng;
 
@@ -18,6 +18,8 @@ pub struct DatasetSpec {
     pub seed: u64,
     /// Probability of keeping each non-subject tag in a caption.
     pub p_keep: f64,
+    /// Captions with their tags always in the same (canonical) order instead of shuffled.
+    pub fixed_order: bool,
 }
 
 /// One planned image.
@@ -53,7 +55,7 @@ impl DatasetSpec {
         (0..self.count)
             .map(|index| {
                 let attributes = Attributes::sample(&mut rng, &shapes);
-                let caption = caption(&attributes, self.p_keep, &mut rng);
+                let caption = caption_ordered(&attributes, self.p_keep, self.fixed_order, &mut rng);
                 let image_seed = rng.next_u64();
                 Sample { index, attributes, caption, image_seed }
             })

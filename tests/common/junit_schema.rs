@@ -24,7 +24,7 @@ fn attrs(e: &quick_xml::events::BytesStart) -> HashMap<String, String> {
         .map(|a| {
             (
                 String::from_utf8_lossy(a.key.as_ref()).into_owned(),
-                a.unescape_value().map(|v| v.into_owned()).unwrap_or_default(),
+                a.normalized_value(quick_xml::XmlVersion::Implicit1_0).map(|v| v.into_owned()).unwrap_or_default(),
             )
         })
         .collect()
@@ -133,11 +133,10 @@ pub fn validate(xml: &str) -> Vec<String> {
     for s in &suites {
         let name = s.attrs.get("name").cloned().unwrap_or_default();
         for (attr, count) in [("tests", s.tests), ("failures", s.failures), ("errors", s.errors), ("skipped", s.skipped)] {
-            if let Some(v) = s.attrs.get(attr) {
-                if v.parse::<usize>().ok() != Some(count) {
+            if let Some(v) = s.attrs.get(attr)
+                && v.parse::<usize>().ok() != Some(count) {
                     problems.push(format!("testsuite {name}: {attr}=\"{v}\" but it has {count}"));
                 }
-            }
         }
     }
     problems

@@ -194,11 +194,10 @@ impl UNetConfig {
                 return bad(format!("up block type `{t}` is not supported"));
             }
         }
-        if let Some(m) = &self.mid_block_type {
-            if m != "UNetMidBlock2DCrossAttn" {
+        if let Some(m) = &self.mid_block_type
+            && m != "UNetMidBlock2DCrossAttn" {
                 return bad(format!("mid block type `{m}` is not supported"));
             }
-        }
         let unsupported: [(&str, bool); 9] = [
             ("class_embed_type", self.class_embed_type.is_some()),
             ("dual_cross_attention", self.dual_cross_attention),
@@ -220,11 +219,10 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
+            Some("text_time")
+                if (self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none()) => {
                     return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
                 }
-            }
             Some(other) => return bad(format!("addition_embed_type `{other}` is not supported")),
         }
         let groups = self.norm_num_groups;
@@ -346,6 +344,7 @@ impl UNet {
             None => depth.iter().rev().copied().collect(),
         };
         let mut up = Vec::with_capacity(n);
+        #[allow(clippy::needless_range_loop)] // i and its mirror r index several tables
         for i in 0..n {
             let r = n - 1 - i; // the matching down level
             let layout = BlockLayout {
