@@ -5,7 +5,7 @@
 # machine's driver provides libcuda, and CUDA 13.0 / cuDNN 9 under /usr/local/cuda provide the
 # rest (put /usr/local/cuda/lib64 on LD_LIBRARY_PATH there).
 #
-#   scripts/build-cuda.sh            # → target/release/loragate with CUDA, for sm_90 (H100/H200)
+#   scripts/build-cuda.sh            # → target/cuda/release/loragate with CUDA, for sm_90 (H100/H200)
 #   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +36,7 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export NVCC_PREPEND_FLAGS="-I$CUDA/include -I$CUDA/include/cccl ${NVCC_PREPEND_FLAGS:-}"
 export LIBRARY_PATH=$STUBS:$CUDA/lib:${LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=$CUDA/lib:${LD_LIBRARY_PATH:-}
+# A target folder of its own, so the CPU build (and its tests) stay as they are.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release --features "$FEATURE"
-echo "built target/release/loragate with $FEATURE for sm_$CUDA_COMPUTE_CAP"
+echo "built $CARGO_TARGET_DIR/release/loragate with $FEATURE for sm_$CUDA_COMPUTE_CAP"

@@ -1,6 +1,7 @@
 //! The suite harness driven through the real binary: a good setup passes; a LoRA that does
-//! nothing, a LoRA that breaks backgrounds and a changed baseline each fail the check they
-//! should; bad suites fail before anything is generated; reports are valid and stable.
+//! nothing, a LoRA that breaks backgrounds, a word-order-sensitive LoRA and a changed baseline
+//! each fail the check they should; bad suites fail before anything is generated; reports are
+//! valid and stable; the committed portrait suite passes against its committed baselines.
 //!
 //! Fixture projects and LoRAs are built in code (as insta's own tests do). Suites use 128 px,
 //! few steps and one seed to keep the run short.
@@ -187,20 +188,36 @@ fn a_good_setup_passes_after_its_baselines_are_accepted_and_reruns_generate_noth
     assert!(html.contains("data:image/png;base64,") && !html.contains("src=\"http"), "the report must be self-contained");
 }
 
+/// A case without the trigger word that the LoRA must leave alone.
+const UNTOUCHED_CASE: &str = r#"  - name: untouched
+    prompt: "blue square, small, on the left, white background"
+    thresholds: { leak: 0.01 }
+"#;
+
 #[test]
 fn a_lora_that_does_nothing_fails_the_effect_check() {
     let p = Project::new("noop");
     let lora = p.dir.join("loras/noop.safetensors");
     write_noop_lora(&lora);
-    let suite = p.write("suites/noop.yaml", &suite_yaml("noop", &lora, ""));
-    let o = p.run(&["suite", suite.to_str().unwrap()]);
+    // The suite names the zorb LoRA; `--lora` swaps in the file under test.
+    let suite = p.write("suites/noop.yaml", &suite_yaml("noop", &zorb(), UNTOUCHED_CASE));
+    let swap = format!("subject={}", lora.display());
+    let o = p.run(&["suite", suite.to_str().unwrap(), "--lora", &swap]);
     let out = text(&o);
     assert_eq!(code(&o), 1, "{out}");
     assert_eq!(status_of(&out, "center", "applied").as_deref(), Some("PASS"), "{out}");
     assert_eq!(status_of(&out, "center", "effect").as_deref(), Some("FAIL"), "{out}");
+    // Doing nothing is right where the LoRA should stay out.
+    assert_eq!(status_of(&out, "untouched", "leak").as_deref(), Some("PASS"), "{out}");
+    assert_eq!(status_of(&out, "untouched", "effect"), None, "a leak case has no effect check: {out}");
     let junit = p.junit("noop");
     assert!(junit.contains("it does next to nothing"), "{junit}");
     assert_eq!(validate(&junit), Vec::<String>::new());
+    assert!(!p.dir.join("baselines").exists(), "a run with a swapped LoRA writes no pending baselines");
+    // A name the suite does not have is a usage error.
+    let o = p.run(&["suite", suite.to_str().unwrap(), "--lora", &format!("nobody={}", lora.display())]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(text(&o).contains("no LoRA named `nobody` (it has: subject)"), "{}", text(&o));
 }
 
 #[test]
@@ -208,12 +225,14 @@ fn a_lora_that_breaks_backgrounds_fails_against_its_control() {
     let p = Project::new("bg");
     let lora = p.dir.join("loras/bg.safetensors");
     write_background_breaker(&lora);
-    let suite = p.write("suites/bg.yaml", &suite_yaml("bg", &lora, ""));
+    let suite = p.write("suites/bg.yaml", &suite_yaml("bg", &lora, UNTOUCHED_CASE));
     let o = p.run(&["suite", suite.to_str().unwrap()]);
     let out = text(&o);
     assert_eq!(code(&o), 1, "{out}");
     assert_eq!(status_of(&out, "center", "control").as_deref(), Some("FAIL"), "{out}");
     assert_eq!(status_of(&out, "center", "effect").as_deref(), Some("PASS"), "{out}");
+    // It melts scenes whatever the prompt: it leaks into prompts without the trigger.
+    assert_eq!(status_of(&out, "untouched", "leak").as_deref(), Some("FAIL"), "{out}");
 }
 
 #[test]
@@ -322,4 +341,71 @@ fn junit_validator_rejects_what_the_schema_rejects() {
     assert!(!validate(r#"<testsuites><testsuite name="a" tests="1"><testcase name="x"><properties/></testcase></testsuite></testsuites>"#).is_empty());
     assert!(!validate(r#"<testsuites><testcase name="x"/></testsuites>"#).is_empty());
     assert!(!validate(r#"<testsuites><testsuite name="a" tests="1" time="-1"><testcase name="x"/></testsuite></testsuites>"#).is_empty());
+}
+
+/// The main job as CI would run it on a clean clone: the committed portrait suite, its
+/// committed LoRA and baselines, every check passing. Generates into a private cache and
+/// output folder so the repository's own `out/` is untouched.
+#[test]
+fn the_portrait_suite_passes_against_its_committed_baselines() {
+    let tmp = std::env::temp_dir().join(format!("loragate-portrait-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let o = Command::new(env!("CARGO_BIN_EXE_loragate"))
+        .args(["suite", "portrait.yaml", "--ci", "--out"])
+        .arg(tmp.join("out"))
+        .arg("--cache-dir")
+        .arg(tmp.join("cache"))
+        .current_dir(common::repo())
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(code(&o), 0, "{out}");
+    let junit = std::fs::read_to_string(tmp.join("out/junit.xml")).unwrap();
+    assert_eq!(validate(&junit), Vec::<String>::new());
+    // Every variant and every kind of check is exercised.
+    for check in [
+        "applied", "sanity", "clip", "control", "effect", "leak", "word-order", "identity", "clip@192x192", "clip/tiny-sticker", "sweep",
+        "sweep-zero", "bisect", "baseline",
+    ] {
+        assert!(junit.contains(&format!("name=\"{check}\"")), "no `{check}` check in the portrait suite");
+    }
+    assert!(junit.contains("name=\"identity-group/"), "no identity group");
+    // The deliberately bad run (training/zorb-bad.yaml) fails the same suite: here its
+    // trigger-free case, where it paints over the red circle.
+    let bad = common::fixtures().join("loras/zorb-bad.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_loragate"))
+        .args(["suite", "portrait.yaml", "--ci", "--case", "no-trigger", "--lora"])
+        .arg(format!("zorb={}", bad.display()))
+        .arg("--out")
+        .arg(tmp.join("bad"))
+        .arg("--cache-dir")
+        .arg(tmp.join("cache"))
+        .current_dir(common::repo())
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(code(&o), 1, "{out}");
+    for check in ["leak", "control", "baseline"] {
+        assert_eq!(status_of(&out, "no-trigger", check).as_deref(), Some("FAIL"), "{check}: {out}");
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A LoRA trained with every caption in one fixed tag order (and too high a learning rate):
+/// swapping tags changes what it draws, so the word-order check fails where the committed
+/// LoRA passes it.
+#[test]
+fn a_word_order_sensitive_lora_fails_the_word_order_check() {
+    let p = Project::new("order");
+    let case = "  - name: swapped\n    prompt: \"zorb, large, on the left, grass background\"\n    word_order: { sample: 3, seed: 2 }\n";
+    let run = |name: &str, lora: &Path| {
+        let suite = p.write(&format!("suites/{name}.yaml"), &suite_yaml(name, lora, case));
+        text(&p.run(&["suite", suite.to_str().unwrap(), "--ci", "--case", "swapped"]))
+    };
+    let good = run("good", &common::repo().join("assets/loras/zorb-loragate.safetensors"));
+    assert_eq!(status_of(&good, "swapped", "word-order").as_deref(), Some("PASS"), "{good}");
+    let bad = run("bad", &common::fixtures().join("loras/zorb-fixed-order.safetensors"));
+    assert_eq!(status_of(&bad, "swapped", "word-order").as_deref(), Some("FAIL"), "{bad}");
 }

@@ -551,3 +551,20 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
     assert_eq!(csv.lines().count(), 5);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The committed LoRAs were made by the committed recipes: each recipe parses, and its
+/// training settings are the ones recorded in the file's `loragate.training_config` metadata.
+#[test]
+fn the_committed_loras_match_their_recipes() {
+    let repo = common::repo();
+    for (recipe, lora) in [("training/zorb.yaml", "assets/loras/zorb-loragate.safetensors"), ("training/zorb-bad.yaml", "tests/fixtures/loras/zorb-bad.safetensors")] {
+        let cfg = TrainConfig::load(&repo.join(recipe), &Overrides::default()).unwrap();
+        let file = LoraFile::load(&repo.join(lora)).unwrap();
+        let recorded: serde_json::Value = serde_json::from_str(&file.metadata["loragate.training_config"]).unwrap();
+        let written: serde_json::Value = serde_json::from_str(&cfg.to_json()).unwrap();
+        for key in ["rank", "alpha", "targets", "learning_rate", "lr_schedule", "steps", "batch_size", "seed", "caption", "image"] {
+            assert_eq!(recorded[key], written[key], "{recipe}: `{key}` differs from what {lora} was trained with");
+        }
+        assert_eq!(file.metadata["ss_network_dim"], cfg.rank.to_string());
+    }
+}

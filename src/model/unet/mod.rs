@@ -219,10 +219,10 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time")
-                if (self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none()) => {
-                    return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
-                }
+            Some("text_time") if self.addition_time_embed_dim.is_some() && self.projection_class_embeddings_input_dim.is_some() => {}
+            Some("text_time") => {
+                return bad("addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+            }
             Some(other) => return bad(format!("addition_embed_type `{other}` is not supported")),
         }
         let groups = self.norm_num_groups;
