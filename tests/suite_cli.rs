@@ -350,18 +350,24 @@ fn junit_validator_rejects_what_the_schema_rejects() {
 fn the_portrait_suite_passes_against_its_committed_baselines() {
     let tmp = std::env::temp_dir().join(format!("loragate-portrait-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let o = Command::new(env!("CARGO_BIN_EXE_loragate"))
-        .args(["suite", "portrait.yaml", "--ci", "--out"])
-        .arg(tmp.join("out"))
-        .arg("--cache-dir")
-        .arg(tmp.join("cache"))
-        .current_dir(common::repo())
-        .env_remove("GITHUB_STEP_SUMMARY")
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert_eq!(code(&o), 0, "{out}");
-    let junit = std::fs::read_to_string(tmp.join("out/junit.xml")).unwrap();
+    // `loragate suite portrait.yaml --ci` from the repository, into `tmp/<out>`.
+    let run = |out: &str, extra: &[String]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_loragate"))
+            .args(["suite", "portrait.yaml", "--ci"])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.join(out))
+            .arg("--cache-dir")
+            .arg(tmp.join("cache"))
+            .current_dir(common::repo())
+            .env_remove("GITHUB_STEP_SUMMARY")
+            .output()
+            .unwrap();
+        (code(&o), text(&o))
+    };
+    let (status, out) = run("good", &[]);
+    assert_eq!(status, 0, "{out}");
+    let junit = std::fs::read_to_string(tmp.join("good/junit.xml")).unwrap();
     assert_eq!(validate(&junit), Vec::<String>::new());
     // Every variant and every kind of check is exercised.
     for check in [
@@ -374,19 +380,8 @@ fn the_portrait_suite_passes_against_its_committed_baselines() {
     // The deliberately bad run (training/zorb-bad.yaml) fails the same suite: here its
     // trigger-free case, where it paints over the red circle.
     let bad = common::fixtures().join("loras/zorb-bad.safetensors");
-    let o = Command::new(env!("CARGO_BIN_EXE_loragate"))
-        .args(["suite", "portrait.yaml", "--ci", "--case", "no-trigger", "--lora"])
-        .arg(format!("zorb={}", bad.display()))
-        .arg("--out")
-        .arg(tmp.join("bad"))
-        .arg("--cache-dir")
-        .arg(tmp.join("cache"))
-        .current_dir(common::repo())
-        .env_remove("GITHUB_STEP_SUMMARY")
-        .output()
-        .unwrap();
-    let out = text(&o);
-    assert_eq!(code(&o), 1, "{out}");
+    let (status, out) = run("bad", &["--case".into(), "no-trigger".into(), "--lora".into(), format!("zorb={}", bad.display())]);
+    assert_eq!(status, 1, "{out}");
     for check in ["leak", "control", "baseline"] {
         assert_eq!(status_of(&out, "no-trigger", check).as_deref(), Some("FAIL"), "{check}: {out}");
     }

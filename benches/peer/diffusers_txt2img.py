@@ -6,28 +6,14 @@ usage: diffusers_txt2img.py ASSETS_TINYWORLD
 """
 import json, os, sys, time
 import torch
-import safetensors.torch as st
-from tokenizers import Tokenizer
-from transformers import CLIPTextConfig, CLIPTextModel
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_sd  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel, DDIMScheduler
 
 torch.set_grad_enabled(False)
 sd = os.path.join(sys.argv[1], "tiny-sd")
-tok = Tokenizer.from_file(os.path.join(sd, "tokenizer", "tokenizer.json"))
-pad = tok.token_to_id("<|endoftext|>")
-
-def ids(texts):
-    out = torch.full((len(texts), 77), pad, dtype=torch.long)
-    for i, t in enumerate(texts):
-        e = tok.encode(t).ids[:77]
-        out[i, :len(e)] = torch.tensor(e)
-    return out
-
-te = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json")))
-weights = st.load_file(os.path.join(sd, "text_encoder", "model.safetensors"))
-inner = te.text_model if hasattr(te, "text_model") else te
-inner.load_state_dict({k.removeprefix("text_model."): v.float() for k, v in weights.items()})
-te.eval()
+ids = tiny_sd.tokenizer(sd)
+te = tiny_sd.text_encoder(sd)
 unet = UNet2DConditionModel.from_pretrained(os.path.join(sd, "unet"), torch_dtype=torch.float32).eval()
 vae = AutoencoderKL.from_pretrained(os.path.join(sd, "vae"), torch_dtype=torch.float32).eval()
 sched_cfg = json.load(open(os.path.join(sd, "scheduler", "scheduler_config.json")))

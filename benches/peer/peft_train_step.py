@@ -6,32 +6,16 @@ usage: peft_train_step.py ASSETS_TINYWORLD [STEPS]
 """
 import json, os, sys, time
 import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_sd  # noqa: E402
 import torch.nn.functional as F
-import safetensors.torch as st
-from tokenizers import Tokenizer
-from transformers import CLIPTextConfig, CLIPTextModel
 from diffusers import UNet2DConditionModel, DDPMScheduler
 from peft import LoraConfig
 
 sd = os.path.join(sys.argv[1], "tiny-sd")
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 40
-tok = Tokenizer.from_file(os.path.join(sd, "tokenizer", "tokenizer.json"))
-pad = tok.token_to_id("<|endoftext|>")
-
-
-def ids(texts):
-    out = torch.full((len(texts), 77), pad, dtype=torch.long)
-    for i, t in enumerate(texts):
-        e = tok.encode(t).ids[:77]
-        out[i, :len(e)] = torch.tensor(e)
-    return out
-
-
-te = CLIPTextModel(CLIPTextConfig.from_json_file(os.path.join(sd, "text_encoder", "config.json")))
-weights = st.load_file(os.path.join(sd, "text_encoder", "model.safetensors"))
-inner = te.text_model if hasattr(te, "text_model") else te
-inner.load_state_dict({k.removeprefix("text_model."): v.float() for k, v in weights.items()})
-te = te.eval().requires_grad_(False)
+ids = tiny_sd.tokenizer(sd)
+te = tiny_sd.text_encoder(sd)
 unet = UNet2DConditionModel.from_pretrained(os.path.join(sd, "unet"), torch_dtype=torch.float32)
 unet.requires_grad_(False)
 unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
