@@ -95,3 +95,18 @@ impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
         self.map_err(|e| Error::io(path, e))
     }
 }
+
+/// Where a YAML (serde-saphyr) error points, 1-based, and its message without the
+/// "line L column C:" prefix that the location already gives.
+pub fn yaml_error_parts(e: &serde_saphyr::Error) -> (usize, usize, String) {
+    let (line, column) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
+    let full = e.to_string();
+    let first = full.lines().next().unwrap_or("invalid YAML").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let message = match first.split_once(": ") {
+        Some((head, rest)) if head.starts_with("line ") => rest.to_string(),
+        _ => first.to_string(),
+    };
+    (line, column, message)
+}
+

@@ -53,15 +53,7 @@ pub fn parse_suite(path: &Path, text: &str) -> Result<Suite> {
 }
 
 fn yaml_error(ctx: &Ctx, e: &serde_saphyr::Error) -> Error {
-    let (line, column) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
-    let full = e.to_string();
-    let first = full.lines().next().unwrap_or("invalid YAML").trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    // "line 4 column 5: unknown field ..." → "unknown field ..."
-    let message = match first.split_once(": ") {
-        Some((head, rest)) if head.starts_with("line ") => rest.to_string(),
-        _ => first.to_string(),
-    };
+    let (line, column, message) = crate::error::yaml_error_parts(e);
     let hint = if message.contains("unknown field") {
         Some("check the spelling; `loragate schema` prints every field a suite may have".to_string())
     } else if message.contains("missing field") {

@@ -328,14 +328,7 @@ impl TrainConfig {
 }
 
 fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> Error {
-    let (line, column) = e.location().map(|l| (l.line() as usize, l.column() as usize)).unwrap_or((1, 1));
-    let full = e.to_string();
-    let first = full.lines().next().unwrap_or("invalid YAML").trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    let message = match first.split_once(": ") {
-        Some((head, rest)) if head.starts_with("line ") => rest.to_string(),
-        _ => first.to_string(),
-    };
+    let (line, column, message) = crate::error::yaml_error_parts(e);
     let hint = if message.contains("unknown field") {
         Some("check the spelling; `loragate train --help` and the README's \"Training\" section list every field".to_string())
     } else if message.starts_with("invalid") {
