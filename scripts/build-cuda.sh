@@ -9,6 +9,8 @@
 #   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A target folder of its own, so the CPU build (and its tests) stay as they are.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 VENV=${CUDA_VENV:-target/cuda-venv}
 FEATURE=cuda
 [ "${CUDNN:-0}" = 1 ] && FEATURE=cudnn
@@ -24,11 +26,23 @@ CUDA=$SITE/nvidia/cu13
 [ -x "$CUDA/bin/nvcc" ] || { echo "nvcc not found under $CUDA" >&2; exit 3; }
 # nvcc looks for cicc and libdevice under nvvm/ beside its own bin/.
 [ -e "$CUDA/nvvm" ] || ln -s "$SITE/nvidia/cu13/nvvm" "$CUDA/nvvm" 2>/dev/null || true
-# The driver library is not on this machine: link against a stub that exports its symbols.
-STUBS=$CUDA/lib/stubs
+# Link-time stand-ins, in a folder of their own:
+# - the PyPI wheels ship only versioned libraries (libcudart.so.13): the linker wants libcudart.so;
+# - libcuda comes with the GPU driver, not the toolkit: a stub with the soname libcuda.so.1 that
+#   defines every driver function cudarc declares (no stub body ever runs: at run time the
+#   driver's real libcuda.so.1 is loaded in its place).
+mkdir -p "$CARGO_TARGET_DIR/link-stubs"
+STUBS=$(cd "$CARGO_TARGET_DIR/link-stubs" && pwd)
+for lib in "$CUDA"/lib/lib*.so.*; do
+  base=$(basename "$lib")
+  ln -sf "$lib" "$STUBS/${base%%.so.*}.so"
+done
 if [ ! -e "$STUBS/libcuda.so" ]; then
-  mkdir -p "$STUBS"
-  find "$SITE" -name 'libcuda.so*' -path '*stubs*' -exec cp {} "$STUBS/libcuda.so" \; -quit
+  cargo fetch --locked >/dev/null
+  version=$(awk '/^name = "cudarc"$/ {getline; gsub(/"/, "", $3); print $3; exit}' Cargo.lock)
+  sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/"cudarc-$version"/src/driver/sys/mod.rs | head -n 1)
+  grep -ohE '^\s+fn cu[A-Z][A-Za-z0-9_]*\(' "$sys" | sed -E 's/^\s+fn (\w+)\(/void \1(void) {}/' | sort -u > "$STUBS/libcuda-stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$STUBS/libcuda.so" "$STUBS/libcuda-stub.c"
 fi
 export PATH=$CUDA/bin:$PATH
 export CUDA_ROOT=$CUDA CUDA_PATH=$CUDA CUDA_TOOLKIT_ROOT_DIR=$CUDA
@@ -36,7 +50,5 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export NVCC_PREPEND_FLAGS="-I$CUDA/include -I$CUDA/include/cccl ${NVCC_PREPEND_FLAGS:-}"
 export LIBRARY_PATH=$STUBS:$CUDA/lib:${LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=$CUDA/lib:${LD_LIBRARY_PATH:-}
-# A target folder of its own, so the CPU build (and its tests) stay as they are.
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 cargo build --release --features "$FEATURE"
 echo "built $CARGO_TARGET_DIR/release/loragate with $FEATURE for sm_$CUDA_COMPUTE_CAP"

@@ -20,7 +20,11 @@ pub fn parse_device(spec: &str) -> Result<Device> {
                      (rebuild with `--features cuda`, see README \"GPU\")"
                 )));
             }
-            Device::new_cuda(ordinal).map_err(|e| Error::invalid(format!("device `{s}` is not usable: {e}")))
+            // candle's CUDA errors carry a backtrace in their text: the first line is the news.
+            Device::new_cuda(ordinal).map_err(|e| {
+                let e = e.to_string();
+                Error::invalid(format!("device `{s}` is not usable: {}", e.lines().next().unwrap_or_default()))
+            })
         }
         other => Err(Error::invalid(format!("unknown device `{other}` (use cpu, cuda or cuda:N)"))),
     }
