@@ -2,27 +2,18 @@
 //! same work as the PyTorch + diffusers peer figure (README, "Performance"). Model loading is
 //! outside the timed loop, as in the peer measurement.
 
-use candle_core::{DType, Device};
 use criterion::{Criterion, criterion_group, criterion_main};
-use loragate::model::resolve::resolve_model;
-use loragate::model::{GenerationParams, Pipeline};
+
+#[path = "common/txt2img_work.rs"]
+mod txt2img_work;
+use txt2img_work::Txt2ImgWork;
 
 fn txt2img(c: &mut Criterion) {
-    let pipe = Pipeline::load(&resolve_model("tiny").unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let params = GenerationParams { steps: 20, guidance: 5.0, width: 128, height: 128, ..Default::default() };
-    let prompts = [
-        "red circle, large, in the center, white background",
-        "blue square, small, on the left, sunset background",
-        "yellow triangle, large, at the bottom, night background",
-        "purple diamond, on the right, grass background",
-    ];
+    let work = Txt2ImgWork::load();
     let mut group = c.benchmark_group("txt2img_tiny_128px_20steps");
     group.sample_size(10);
     for batch in [1usize, 4] {
-        let seeds: Vec<u64> = (0..batch as u64).collect();
-        group.bench_function(format!("batch{batch}"), |b| {
-            b.iter(|| pipe.generate(&prompts[..batch], &seeds, &params, &mut |_, _| {}).unwrap())
-        });
+        group.bench_function(format!("batch{batch}"), |b| b.iter(|| work.run(batch)));
     }
     group.finish();
 }

@@ -3,27 +3,19 @@
 //! batch size, printed as JSON.
 use std::time::Instant;
 
-use candle_core::{DType, Device};
-use loragate::model::resolve::resolve_model;
-use loragate::model::{GenerationParams, Pipeline};
+#[path = "../benches/common/txt2img_work.rs"]
+mod txt2img_work;
+use txt2img_work::Txt2ImgWork;
 
 fn main() {
-    let pipe = Pipeline::load(&resolve_model("tiny").unwrap(), DType::F32, &Device::Cpu).unwrap();
-    let params = GenerationParams { steps: 20, guidance: 5.0, width: 128, height: 128, ..Default::default() };
-    let prompts = [
-        "red circle, large, in the center, white background",
-        "blue square, small, on the left, sunset background",
-        "yellow triangle, large, at the bottom, night background",
-        "purple diamond, on the right, grass background",
-    ];
+    let work = Txt2ImgWork::load();
     let mut out = Vec::new();
     for b in [1usize, 4] {
-        let seeds: Vec<u64> = (0..b as u64).collect();
-        pipe.generate(&prompts[..b], &seeds, &params, &mut |_, _| {}).unwrap();
+        work.run(b); // warm-up
         let mut times: Vec<f64> = (0..5)
             .map(|_| {
                 let t = Instant::now();
-                pipe.generate(&prompts[..b], &seeds, &params, &mut |_, _| {}).unwrap();
+                work.run(b);
                 t.elapsed().as_secs_f64()
             })
             .collect();

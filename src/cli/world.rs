@@ -42,14 +42,8 @@ struct DatasetArgs {
     /// Output folder; must be new or empty unless --overwrite.
     #[arg(short, long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// plain or sticker.
-    #[arg(long, default_value = "plain", value_parser = Style::parse)]
-    style: Style,
-    /// Image side in pixels.
-    #[arg(long, default_value_t = 128)]
-    resolution: u32,
+    #[command(flatten)]
+    look: LookArgs,
     /// Probability of keeping each tag but the subject in a caption.
     #[arg(long, default_value_t = 0.75)]
     p_keep: f64,
@@ -72,6 +66,13 @@ struct RenderArgs {
     /// Output PNG.
     #[arg(short, long, default_value = "world.png")]
     output: PathBuf,
+    #[command(flatten)]
+    look: LookArgs,
+}
+
+/// Seed, style and size: shared by `world dataset` and `world render`.
+#[derive(Debug, Args)]
+struct LookArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// plain or sticker.
@@ -107,7 +108,7 @@ fn png_text(facts: serde_json::Value) -> Vec<(String, String)> {
 }
 
 fn dataset(a: DatasetArgs) -> Result<ExitCode> {
-    check_resolution(a.resolution)?;
+    check_resolution(a.look.resolution)?;
     if a.count == 0 {
         return Err(Error::invalid("--count must be at least 1"));
     }
@@ -127,8 +128,8 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
     check_output_folder(&folder, a.overwrite)?;
     std::fs::create_dir_all(&folder).at(&folder)?;
 
-    let spec = DatasetSpec { concept, count: a.count, seed: a.seed, p_keep: a.p_keep, fixed_order: a.fixed_order };
-    let options = RenderOptions { resolution: a.resolution, style: a.style };
+    let spec = DatasetSpec { concept, count: a.count, seed: a.look.seed, p_keep: a.p_keep, fixed_order: a.fixed_order };
+    let options = RenderOptions { resolution: a.look.resolution, style: a.look.style };
     let width = a.count.saturating_sub(1).to_string().len().max(4);
     let name = |i: usize, ext: &str| folder.join(format!("{i:0width$}.{ext}"));
 
@@ -137,7 +138,7 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
         let img = s.render(&options);
         let full = full_caption(&s.attributes, &TagKind::CANONICAL);
         let facts = serde_json::json!({
-            "ground_truth": full, "caption": s.caption, "style": a.style.name(), "image_seed": s.image_seed,
+            "ground_truth": full, "caption": s.caption, "style": a.look.style.name(), "image_seed": s.image_seed,
         });
         write_png(&name(s.index, "png"), &img, &png_text(facts))?;
         write_text_atomic(&name(s.index, "txt"), &s.caption)?;
@@ -154,8 +155,8 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
     eprintln!(
         "wrote {} images with captions ({} style, {} px) to {}",
         a.count,
-        a.style,
-        a.resolution,
+        a.look.style,
+        a.look.resolution,
         folder.display()
     );
     println!("{}", folder.display());
@@ -212,12 +213,12 @@ fn warn_other_kohya_folders(root: &Path, folder: &Path) {
 }
 
 fn render(a: RenderArgs) -> Result<ExitCode> {
-    check_resolution(a.resolution)?;
-    let options = RenderOptions { resolution: a.resolution, style: a.style };
-    let (attributes, img) = render_prompt(&a.prompt, a.seed, &options)?;
+    check_resolution(a.look.resolution)?;
+    let options = RenderOptions { resolution: a.look.resolution, style: a.look.style };
+    let (attributes, img) = render_prompt(&a.prompt, a.look.seed, &options)?;
     let full = full_caption(&attributes, &TagKind::CANONICAL);
     let facts =
-        serde_json::json!({ "ground_truth": full, "prompt": a.prompt, "style": a.style.name(), "seed": a.seed });
+        serde_json::json!({ "ground_truth": full, "prompt": a.prompt, "style": a.look.style.name(), "seed": a.look.seed });
     write_png(&a.output, &img, &png_text(facts))?;
     eprintln!("ground truth: {full}");
     println!("{}", a.output.display());
