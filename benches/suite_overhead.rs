@@ -27,7 +27,8 @@ fn main() {
     .unwrap();
     let suite = load_suite(&suite_path).unwrap();
     let opts = RunOptions {
-        ci: true,
+        update: loragate::baseline::UpdateMode::Never,
+        no_checks: loragate::harness::NoChecks::Fail,
         device: Device::Cpu,
         dtype: DType::F32,
         cache_dir: Some(dir.join("cache")),

@@ -18,6 +18,8 @@ pub enum ExitCode {
     Usage = 2,
     /// The environment is wrong: a missing or broken model, out of memory, an I/O failure.
     Infrastructure = 3,
+    /// A bug in loragate (the same code a Rust panic exits with): please report it.
+    Internal = 101,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,10 @@ pub enum Error {
     /// A tensor operation failed: a bug or an environment problem (out of memory, device).
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+
+    /// Something that cannot happen did: a bug in loragate, not in the user's input.
+    #[error("internal error (a bug in loragate; please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -71,6 +77,9 @@ impl Error {
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::Invalid(message.into())
     }
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(message.into())
+    }
 
     /// Which documented exit code this error ends the process with.
     pub fn exit_code(&self) -> ExitCode {
@@ -81,6 +90,7 @@ impl Error {
             Error::TensorFile { .. } | Error::Io { .. } | Error::Model { .. } | Error::Tensor(_) => {
                 ExitCode::Infrastructure
             }
+            Error::Internal(_) => ExitCode::Internal,
         }
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod names;
 pub mod model;
 pub mod tensors;
 

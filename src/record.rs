@@ -29,6 +29,10 @@ pub struct GenerationRecord {
     pub device: String,
     pub dtype: String,
     pub loragate: String,
+    /// The generator version ([`crate::harness::cache::GENERATOR_VERSION`]): the code that
+    /// made the pixels.
+    #[serde(default)]
+    pub generator: String,
 }
 
 impl GenerationRecord {

@@ -557,7 +557,9 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
 #[test]
 fn the_committed_loras_match_their_recipes() {
     let repo = common::repo();
-    for (recipe, lora) in [("training/zorb.yaml", "assets/loras/zorb-loragate.safetensors"), ("training/zorb-bad.yaml", "tests/fixtures/loras/zorb-bad.safetensors")] {
+    for (recipe, lora) in [("training/zorb.yaml", "assets/loras/zorb-loragate.safetensors"), ("training/zorb-bad.yaml", "tests/fixtures/loras/zorb-bad.safetensors"),
+        ("training/zorb-seed2.yaml", "tests/fixtures/loras/zorb-seed2.safetensors"),
+    ] {
         let cfg = TrainConfig::load(&repo.join(recipe), &Overrides::default()).unwrap();
         let file = LoraFile::load(&repo.join(lora)).unwrap();
         let recorded: serde_json::Value = serde_json::from_str(&file.metadata["loragate.training_config"]).unwrap();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prints `suites=<JSON list>` of the suites a change affects: suites that changed, suites whose
 # baselines changed, and suites that name a changed LoRA file. Without a base commit (manual
-# runs), the asked suites or every suite.
+# runs), the asked suites or every suite. Each entry is {"file": path, "name": a name safe for
+# artifact names (letters, digits, `-`, `_`, `.`; upload-artifact rejects `/`)}.
 set -euo pipefail
 all=$(ls suites/*.yaml 2>/dev/null || true)
 if [ -n "${ASKED:-}" ]; then
@@ -27,5 +28,9 @@ else
 fi
 printf 'suites=['
 sep=""
-for s in $picked; do printf '%s"%s"' "$sep" "$s"; sep=","; done
+for s in $picked; do
+  safe=$(basename "$s" .yaml | tr -c 'A-Za-z0-9._\n-' '-')
+  printf '%s{"file":"%s","name":"%s"}' "$sep" "$s" "$safe"
+  sep=","
+done
 printf ']\n'

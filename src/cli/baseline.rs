@@ -3,7 +3,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::baseline::{BaselineStore, Pending, matches};
+use crate::baseline::{BaselineStore, Pending, UpdateMode, matches};
+use crate::names::SafeName;
 use crate::error::{Error, ExitCode, Result};
 use crate::harness::project_root;
 
@@ -26,7 +27,7 @@ enum Action {
 
 #[derive(Debug, Args)]
 struct Selection {
-    /// Only this suite (default: all suites).
+    /// Only this suite: its file (`suites/portrait.yaml`, `portrait`) or its name (default: all).
     suite: Option<String>,
     /// Only pending images whose `case/image` contains this.
     #[arg(long)]
@@ -36,19 +37,35 @@ struct Selection {
     baselines: Option<PathBuf>,
 }
 
+/// Every store (suite × device class) under the baselines folder, interrupted accepts
+/// completed. Folders that are not valid names were not written by loragate and are skipped.
 fn stores(sel: &Selection) -> Result<Vec<BaselineStore>> {
     let root = sel.baselines.clone().unwrap_or_else(|| project_root(&std::env::current_dir().unwrap_or_default()).join("baselines"));
     let mut out = Vec::new();
     let suites = std::fs::read_dir(&root).map_err(|e| Error::io(&root, e))?;
+    // A suite file (`suites/portrait.yaml`, `portrait`) names its baselines by its `name:`;
+    // anything else is taken as that name.
+    let want = match &sel.suite {
+        Some(w) => Some(match crate::suite::find_suite(w) {
+            Some(file) => crate::suite::validate::suite_name_of(&file)?.to_string(),
+            None => w.clone(),
+        }),
+        None => None,
+    };
     for s in suites.flatten() {
         let name = s.file_name().to_string_lossy().into_owned();
-        if sel.suite.as_ref().is_some_and(|want| want.trim_end_matches(".yaml") != name) || !s.path().is_dir() {
+        let Ok(suite) = SafeName::new(&name) else { continue };
+        if want.as_ref().is_some_and(|w| *w != name) || !s.path().is_dir() {
             continue;
         }
         for class in std::fs::read_dir(s.path()).map_err(|e| Error::io(s.path(), e))?.flatten() {
+            let Ok(class_name) = SafeName::new(&class.file_name().to_string_lossy()) else { continue };
             if class.path().is_dir() {
-                let class_name = class.file_name().to_string_lossy().into_owned();
-                out.push(BaselineStore::new(&root, &name, &class_name, true));
+                let (store, recovered) = BaselineStore::open(&root, &suite, &class_name, UpdateMode::Pending)?;
+                for r in recovered {
+                    println!("{r}");
+                }
+                out.push(store);
             }
         }
     }
@@ -68,8 +85,10 @@ fn selected(sel: &Selection) -> Result<Vec<(BaselineStore, Pending)>> {
 }
 
 fn describe(store: &BaselineStore, p: &Pending) -> String {
-    let what = if p.old_png.is_file() {
-        match (crate::imageio::read_image(&p.old_png), crate::imageio::read_image(&p.new_png)) {
+    let what = if p.is_scores() {
+        if p.old_file.is_file() { "measurements changed".into() } else { "new measurements".into() }
+    } else if p.old_file.is_file() {
+        match (crate::imageio::read_image(&p.old_file), crate::imageio::read_image(&p.new_file)) {
             (Ok(a), Ok(b)) if a.dimensions() == b.dimensions() => {
                 format!("changed, similarity {:.3}", crate::score::pixels::similarity(&a, &b).unwrap_or(0.0))
             }
@@ -78,15 +97,15 @@ fn describe(store: &BaselineStore, p: &Pending) -> String {
     } else {
         "new".into()
     };
-    format!("{}/{} [{}] ({what})\n    new: {}\n    old: {}", store.suite, p.id(), store.dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), p.new_png.display(), p.old_png.display())
+    format!("{}/{} [{}] ({what})\n    new: {}\n    old: {}", store.suite, p.id(), store.dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(), p.new_file.display(), p.old_file.display())
 }
 
 pub fn run(a: BaselineArgs) -> Result<ExitCode> {
     match a.action {
         Action::Accept(sel) => {
             let items = selected(&sel)?;
+            accept(&items)?;
             for (store, p) in &items {
-                store.accept(p)?;
                 println!("accepted {}/{}", store.suite, p.id());
             }
             println!("{} accepted", items.len());
@@ -124,13 +143,11 @@ pub fn run(a: BaselineArgs) -> Result<ExitCode> {
                 let answer = lines.next().and_then(|l| l.ok()).unwrap_or_default();
                 decisions.push((store, p, answer.trim().to_lowercase()));
             }
-            let (mut acc, mut rej) = (0, 0);
+            let mut accepted = Vec::new();
+            let mut rej = 0;
             for (store, p, d) in decisions {
                 match d.as_str() {
-                    "a" | "accept" => {
-                        store.accept(p)?;
-                        acc += 1;
-                    }
+                    "a" | "accept" => accepted.push((store.clone(), p.clone())),
                     "r" | "reject" => {
                         store.reject(p)?;
                         rej += 1;
@@ -138,8 +155,25 @@ pub fn run(a: BaselineArgs) -> Result<ExitCode> {
                     _ => {}
                 }
             }
+            let acc = accepted.len();
+            accept(&accepted)?;
             println!("{acc} accepted, {rej} rejected, {} skipped", items.len() - acc - rej);
         }
     }
     Ok(ExitCode::Success)
+}
+
+/// Accepts items store by store, each store's files in one journaled move.
+fn accept(items: &[(BaselineStore, Pending)]) -> Result<()> {
+    let mut by_store: Vec<(&BaselineStore, Vec<Pending>)> = Vec::new();
+    for (store, p) in items {
+        match by_store.iter_mut().find(|(s, _)| s.dir == store.dir) {
+            Some((_, v)) => v.push(p.clone()),
+            None => by_store.push((store, vec![p.clone()])),
+        }
+    }
+    for (store, ps) in by_store {
+        store.accept(&ps)?;
+    }
+    Ok(())
 }

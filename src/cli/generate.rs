@@ -112,6 +112,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             device: device_class(&device).into(),
             dtype: dtype_name(dtype).into(),
             loragate: VERSION.into(),
+            generator: crate::harness::cache::GENERATOR_VERSION.into(),
         };
         let path = output_path(&a.output, i, a.batch);
         write_png(&path, img, &record.png_text())?;

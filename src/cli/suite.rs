@@ -4,7 +4,8 @@ use clap::Args;
 
 use crate::device::{parse_device, parse_dtype};
 use crate::error::{Error, ExitCode, Result};
-use crate::harness::{RunOptions, project_root, run_suite};
+use crate::baseline::UpdateMode;
+use crate::harness::{NoChecks, RunOptions, project_root, run_suite};
 use crate::report;
 use crate::suite::{find_suite, load_suite};
 
@@ -12,9 +13,18 @@ use crate::suite::{find_suite, load_suite};
 pub struct SuiteArgs {
     /// The suite file; `portrait.yaml` or `portrait` also finds `suites/portrait.yaml`.
     suite: String,
-    /// CI mode: never write under baselines/ (also on when the CI variable is set).
-    #[arg(long)]
+    /// When to write under baselines/: `never`, `pending` (new and changed images as .new files
+    /// for review) or `always` (over the baselines). Default: `never` where the CI variable is
+    /// set, else `pending`.
+    #[arg(long, value_name = "MODE", value_parser = UpdateMode::parse)]
+    update_baselines: Option<UpdateMode>,
+    /// The same as `--update-baselines never`.
+    #[arg(long, conflicts_with = "update_baselines")]
     ci: bool,
+    /// What a run that selects no case does: `fail` (exit 2, the default) or `warn` (say so and
+    /// pass, for an empty partition of a small suite).
+    #[arg(long, value_name = "ACTION", default_value = "fail", value_parser = parse_no_checks)]
+    no_checks: NoChecks,
     /// Where reports and images go. Default: out/<suite>.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -27,10 +37,11 @@ pub struct SuiteArgs {
     /// Regenerate everything; do not read or write the cache.
     #[arg(long)]
     no_cache: bool,
-    /// Run partition N of M (cases dealt round-robin, identity groups kept together).
+    /// Run partition N of M (cases dealt by a stable hash of their names, identity groups kept
+    /// together).
     #[arg(long, value_parser = parse_partition)]
     partition: Option<(usize, usize)>,
-    /// Only cases whose name contains this.
+    /// Only cases whose name contains this (plus the cases identity groups join to them).
     #[arg(long = "case")]
     filter: Option<String>,
     /// cpu, cuda or cuda:N.
@@ -79,8 +90,12 @@ fn parse_partition(s: &str) -> std::result::Result<(usize, usize), String> {
     Ok((n, m))
 }
 
-pub fn in_ci(flag: bool) -> bool {
-    flag || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
+fn parse_no_checks(s: &str) -> std::result::Result<NoChecks, String> {
+    match s {
+        "fail" => Ok(NoChecks::Fail),
+        "warn" | "pass" => Ok(NoChecks::Warn),
+        _ => Err(format!("`{s}`: use fail or warn")),
+    }
 }
 
 pub fn run(a: SuiteArgs) -> Result<ExitCode> {
@@ -102,10 +117,17 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
     let root = project_root(&path);
-    // A run with swapped LoRA files never writes pending baselines.
-    let ci = in_ci(a.ci) || !a.loras.is_empty();
+    let mut update = if a.ci { UpdateMode::Never } else { a.update_baselines.unwrap_or_else(UpdateMode::default_for_environment) };
+    if !a.loras.is_empty() {
+        // Baselines belong to the suite's own files: a run with swapped LoRAs writes nothing.
+        if a.update_baselines.is_some_and(|u| u != UpdateMode::Never) {
+            return Err(Error::invalid("--lora swaps in files the baselines do not belong to: it cannot be combined with --update-baselines pending or always"));
+        }
+        update = UpdateMode::Never;
+    }
     let opts = RunOptions {
-        ci,
+        update,
+        no_checks: a.no_checks,
         device,
         dtype,
         cache_dir: if a.no_cache { None } else { Some(a.cache_dir.clone().unwrap_or_else(|| crate::harness::cache::default_cache_dir(&path))) },
@@ -117,7 +139,7 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     };
     let outcome = run_suite(&suite, &opts)?;
     let out = a.out.clone().unwrap_or_else(|| {
-        let base = root.join("out").join(&suite.name);
+        let base = suite.name.under(&root.join("out"));
         match a.partition {
             Some((n, m)) => base.join(format!("partition-{n}-of-{m}")),
             None => base,
@@ -131,7 +153,10 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     }
     println!("report: {}\njunit:  {}", paths.html.display(), paths.junit.display());
     if !outcome.pending.is_empty() {
-        println!("{} images pending review: loragate baseline review {}", outcome.pending.len(), suite.name);
+        match update {
+            UpdateMode::Always => println!("{} files written over the baselines under {}", outcome.pending.len(), outcome.baseline_dir.display()),
+            _ => println!("{} files pending review: loragate baseline review {}", outcome.pending.len(), suite.name),
+        }
     }
     Ok(if outcome.failed() > 0 { ExitCode::CheckFailed } else { ExitCode::Success })
 }

@@ -79,6 +79,7 @@ fn record_for(suite: &Suite, job: &Job, model_fp: &str, device: &Device, dtype: 
         device: device_class(device).into(),
         dtype: dtype_name(dtype).into(),
         loragate: VERSION.into(),
+        generator: super::cache::GENERATOR_VERSION.into(),
     }
 }
 
@@ -218,7 +219,7 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
     let outcomes = outcomes
         .into_iter()
         .enumerate()
-        .map(|(i, o)| o.ok_or_else(|| Error::invalid(format!("internal: job {i} was neither cached nor generated"))))
+        .map(|(i, o)| o.ok_or_else(|| Error::internal(format!("job {i} was neither cached nor generated"))))
         .collect::<Result<Vec<_>>>()?;
     Ok(Generation { outcomes, reports, generated, cached, seconds: start.elapsed().as_secs_f64() })
 }

@@ -105,9 +105,22 @@ pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
         files.push(d.join("config.json"));
         files.extend(weight_files(d)?);
     }
+    // Everything else that can change pixels: the scheduler, the tokenizers (a token id is a
+    // different prompt) and model_index.json (`force_zeros_for_empty_prompt`).
     let sched = root.join("scheduler").join("scheduler_config.json");
     if sched.is_file() {
         files.push(sched);
+    }
+    for tok in ["tokenizer", "tokenizer_2"] {
+        if let Ok(entries) = std::fs::read_dir(root.join(tok)) {
+            let mut found: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+            found.sort();
+            files.extend(found);
+        }
+    }
+    let index = root.join("model_index.json");
+    if index.is_file() {
+        files.push(index);
     }
     Ok(files)
 }

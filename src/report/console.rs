@@ -7,8 +7,10 @@ use crate::harness::{Status, SuiteOutcome};
 fn tag(s: Status) -> &'static str {
     match s {
         Status::Passed => "PASS",
+        Status::Review => "REVIEW",
         Status::Failed => "FAIL",
         Status::Skipped => "SKIP",
+        Status::Known => "KNOWN",
         Status::Error => "ERROR",
     }
 }
@@ -20,6 +22,9 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
     let check_w = o.results.iter().map(|r| r.check.chars().count()).max().unwrap_or(5).clamp(5, 24);
     let msg_w = width.saturating_sub(case_w + check_w + 12).max(30);
     let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} result", "", "case", "check");
+    for n in &o.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
     for r in &o.results {
         let msg: String = r.message.chars().take(msg_w).collect();
         let more = if r.message.chars().count() > msg_w { "…" } else { "" };
@@ -28,10 +33,12 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
     let t = &o.timings;
     let _ = writeln!(
         s,
-        "\n{}: {} passed, {} failed, {} skipped · {} images ({} generated, {} cached) · generate {:.1}s, score {:.1}s, checks {:.1}s, baselines {:.1}s",
+        "\n{}: {} passed, {} to review, {} failed, {} known failures, {} skipped · {} images ({} generated, {} cached) · generate {:.1}s, score {:.1}s, checks {:.1}s, baselines {:.1}s",
         o.suite,
         o.passed(),
+        o.to_review(),
         o.failed(),
+        o.known(),
         o.skipped(),
         o.images_total,
         o.generated,

@@ -1,7 +1,8 @@
 //! One self-contained HTML review page: CSS and JS embedded, images inlined as data URIs, so it
 //! works offline and as a single CI artifact. For each case: the checks with their numbers and,
 //! per image, the baseline, the current image, the diff heat map and the no-LoRA control side
-//! by side. Failed cases come first; a search box and a "failures only" switch filter.
+//! by side. Cases are grouped as failed, to review and passed; a search box and a status
+//! switch filter.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -10,7 +11,7 @@ use base64::Engine;
 use image::RgbImage;
 
 use crate::error::Result;
-use crate::harness::{Evidence, Status, SuiteOutcome};
+use crate::harness::{Evidence, Status, SuiteOutcome, worse};
 use crate::imageio::encode_png;
 
 fn esc(s: &str) -> String {
@@ -25,8 +26,10 @@ fn data_uri(img: &RgbImage) -> Result<String> {
 fn status_class(s: Status) -> &'static str {
     match s {
         Status::Passed => "pass",
+        Status::Review => "review",
         Status::Failed => "fail",
         Status::Skipped => "skip",
+        Status::Known => "skip",
         Status::Error => "fail",
     }
 }
@@ -41,11 +44,16 @@ header h1{margin:0 0 4px;font-size:20px}
 main{padding:16px 24px}
 .case{background:#fff;border-radius:8px;margin:0 0 16px;padding:12px 16px;box-shadow:0 1px 2px #0002;border-left:6px solid #2e9d57}
 .case.failed{border-left-color:#d33}
+.case.review{border-left-color:#d89b00}
+h2.group{font-size:15px;margin:18px 0 8px;color:#445}
+table.matrix{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
+table.matrix caption{text-align:left;color:#555;padding-bottom:4px}
+table.matrix td,table.matrix th{border:1px solid #ddd;padding:3px 8px;text-align:center}
 .case h2{margin:0 0 8px;font-size:16px}
 table.checks{border-collapse:collapse;width:100%;margin-bottom:8px}
 table.checks td{padding:3px 6px;border-top:1px solid #eee;vertical-align:top}
 td.st{width:60px;font-weight:600}
-.pass{color:#2e9d57}.fail{color:#d33}.skip{color:#888}
+.pass{color:#2e9d57}.fail{color:#d33}.skip{color:#888}.review{color:#b07d00}
 .shots{display:flex;flex-wrap:wrap;gap:14px}
 .shot{font-size:12px}
 .shot .row{display:flex;gap:4px}
@@ -59,7 +67,7 @@ td.st{width:60px;font-weight:600}
 const SCRIPT: &str = r#"
 const q=document.getElementById('q'),f=document.getElementById('failed');
 function apply(){const t=q.value.toLowerCase();for(const c of document.querySelectorAll('.case')){
-const hit=c.textContent.toLowerCase().includes(t);const ok=!f.checked||c.classList.contains('failed');
+const hit=c.textContent.toLowerCase().includes(t);const ok=!f.checked||!c.classList.contains('passed');
 c.classList.toggle('hidden',!(hit&&ok));}}
 q.addEventListener('input',apply);f.addEventListener('change',apply);
 "#;
@@ -87,14 +95,15 @@ fn shot(e: &Evidence) -> Result<String> {
 }
 
 pub fn to_html(o: &SuiteOutcome) -> Result<String> {
-    let mut cases: BTreeMap<&str, (bool, Vec<&crate::harness::CheckResult>, Vec<&Evidence>)> = BTreeMap::new();
+    // Per case: its worst status, its checks, its images.
+    let mut cases: BTreeMap<&str, (Status, Vec<&crate::harness::CheckResult>, Vec<&Evidence>)> = BTreeMap::new();
     let mut order: Vec<&str> = Vec::new();
     for r in &o.results {
         if !cases.contains_key(r.case.as_str()) {
             order.push(&r.case);
         }
-        let e = cases.entry(&r.case).or_default();
-        e.0 |= matches!(r.status, Status::Failed | Status::Error);
+        let e = cases.entry(&r.case).or_insert((Status::Passed, Vec::new(), Vec::new()));
+        e.0 = worse(e.0, r.status);
         e.1.push(r);
     }
     for ev in &o.evidence {
@@ -102,45 +111,57 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
             e.2.push(ev);
         }
     }
-    // Failures first, otherwise suite order.
-    order.sort_by_key(|c| !cases[c].0);
     let mut body = String::new();
-    for name in order {
-        let (failed, checks, shots) = &cases[name];
-        let _ = write!(body, "<section class=\"case{}\" id=\"case-{}\"><h2>{}</h2>", if *failed { " failed" } else { "" }, esc(name), esc(name));
-        if let Some(p) = shots.first() {
-            let _ = write!(body, "<div class=\"prompt\">{}</div>", esc(&p.prompt));
+    for (title, class, wanted) in [("Failed", "failed", 2), ("To review", "review", 1), ("Passed", "passed", 0)] {
+        let rank = |s: Status| if s.is_failure() { 2 } else if s == Status::Review { 1 } else { 0 };
+        let group: Vec<&str> = order.iter().copied().filter(|c| rank(cases[c].0) == wanted).collect();
+        if group.is_empty() {
+            continue;
         }
-        body.push_str("<table class=\"checks\">");
-        for r in checks {
-            let _ = write!(
-                body,
-                "<tr><td class=\"st {}\">{:?}</td><td>{}</td><td>{}</td></tr>",
-                status_class(r.status),
-                r.status,
-                esc(&r.check),
-                esc(&r.message)
-            );
+        let _ = write!(body, "<h2 class=\"group\">{title} ({})</h2>", group.len());
+        for name in group {
+            let (_, checks, shots) = &cases[name];
+            let _ = write!(body, "<section class=\"case {class}\" id=\"case-{}\"><h2>{}</h2>", esc(name), esc(name));
+            if let Some(p) = shots.first() {
+                let _ = write!(body, "<div class=\"prompt\">{}</div>", esc(&p.prompt));
+            }
+            body.push_str("<table class=\"checks\">");
+            for r in checks {
+                let _ = write!(
+                    body,
+                    "<tr><td class=\"st {}\">{}</td><td>{}</td><td>{}</td></tr>",
+                    status_class(r.status),
+                    status_word(r.status),
+                    esc(&r.check),
+                    esc(&r.message)
+                );
+            }
+            body.push_str("</table>");
+            if let Some((_, m)) = o.stacks.iter().find(|(c, _)| c == name) {
+                body.push_str(&stack_matrix(m));
+            }
+            body.push_str("<div class=\"shots\">");
+            for e in shots {
+                body.push_str(&shot(e)?);
+            }
+            body.push_str("</div></section>");
         }
-        body.push_str("</table><div class=\"shots\">");
-        for e in shots {
-            body.push_str(&shot(e)?);
-        }
-        body.push_str("</div></section>");
     }
-    let verdict = if o.failed() == 0 { "passed" } else { "failed" };
+    let verdict = crate::report::markdown::verdict(o);
     let mut html = String::new();
     let _ = write!(
         html,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loragate · {} {verdict}</title><style>{STYLE}</style></head><body>\
-<header><h1>loragate · {} — {verdict}</h1><div class=\"summary\"><span class=\"pass\">{} passed</span><span class=\"fail\">{} failed</span><span>{} skipped</span>\
+<header><h1>loragate · {} — {verdict}</h1><div class=\"summary\"><span class=\"pass\">{} passed</span><span class=\"review\">{} to review</span><span class=\"fail\">{} failed</span><span>{} known failures</span><span>{} skipped</span>\
 <span>{} images ({} generated, {} cached)</span><span>scorer {} ({})</span><span>{}-{}</span></div>\
-<div class=\"controls\"><input id=\"q\" type=\"search\" placeholder=\"filter cases and checks…\"> <label><input id=\"failed\" type=\"checkbox\"> failures only</label></div></header>\
+<div class=\"controls\"><input id=\"q\" type=\"search\" placeholder=\"filter cases and checks…\"> <label><input id=\"failed\" type=\"checkbox\"> failed and to review only</label></div></header>\
 <main>{body}</main><script>{SCRIPT}</script></body></html>",
         esc(&o.suite),
         esc(&o.suite),
         o.passed(),
+        o.to_review(),
         o.failed(),
+        o.known(),
         o.skipped(),
         o.images_total,
         o.generated,
@@ -151,4 +172,40 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
         o.dtype
     );
     Ok(html)
+}
+
+/// The N×N table of what each LoRA (row) keeps of its own effect and look when stacked with
+/// another (column).
+fn stack_matrix(m: &crate::harness::measure::StackNumbers) -> String {
+    let mut s = String::from("<table class=\"matrix\"><caption>What each LoRA (row) keeps of its own effect / look when stacked with another (column)</caption><tr><th></th>");
+    for n in &m.names {
+        let _ = write!(s, "<th>{}</th>", esc(n));
+    }
+    s.push_str("</tr>");
+    let pct = |x: Option<f64>| x.map(|x| format!("{:.0} %", x * 100.0)).unwrap_or_else(|| "–".into());
+    for (i, row) in m.names.iter().enumerate() {
+        let _ = write!(s, "<tr><th>{}</th>", esc(row));
+        for k in 0..m.names.len() {
+            let (e, id) = (m.effect_kept[i][k], m.identity_kept[i][k]);
+            let kept = [e, id].into_iter().flatten().fold(1.0f64, f64::min);
+            // Green when a LoRA keeps its effect, red when stacking wipes it out.
+            let hue = (kept.clamp(0.0, 1.0) * 120.0).round();
+            let cell = if i == k { "alone".to_string() } else { format!("{} / {}", pct(e), pct(id)) };
+            let _ = write!(s, "<td style=\"background:hsl({hue},60%,85%)\">{cell}</td>");
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</table>");
+    s
+}
+
+fn status_word(s: Status) -> &'static str {
+    match s {
+        Status::Passed => "passed",
+        Status::Review => "to review",
+        Status::Failed => "failed",
+        Status::Skipped => "skipped",
+        Status::Known => "known failure",
+        Status::Error => "error",
+    }
 }

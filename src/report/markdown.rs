@@ -1,15 +1,17 @@
-//! A Markdown summary for `$GITHUB_STEP_SUMMARY` and PR comments: the verdict, failures first
-//! with their numbers, then a table of every check.
+//! A Markdown summary for `$GITHUB_STEP_SUMMARY` and PR comments: the verdict, then the checks
+//! grouped as "failed", "to review" and "passed", each with its numbers.
 
 use std::fmt::Write;
 
-use crate::harness::{Status, SuiteOutcome};
+use crate::harness::{CheckResult, Status, SuiteOutcome};
 
 fn icon(s: Status) -> &'static str {
     match s {
         Status::Passed => "✅",
+        Status::Review => "👀",
         Status::Failed => "❌",
         Status::Skipped => "⏭️",
+        Status::Known => "🩹",
         Status::Error => "💥",
     }
 }
@@ -18,15 +20,36 @@ fn escape(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
+/// `passed`, `passed, 3 to review` or `failed`.
+pub fn verdict(o: &SuiteOutcome) -> String {
+    match (o.failed(), o.to_review()) {
+        (0, 0) => "passed".into(),
+        (0, n) => format!("passed, {n} to review"),
+        _ => "failed".into(),
+    }
+}
+
+fn list(s: &mut String, title: &str, rows: &[&CheckResult]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "### {title} ({})\n", rows.len());
+    for r in rows {
+        let _ = writeln!(s, "- {} **{} · {}** — {}", icon(r.status), r.case, r.check, escape(&r.message));
+    }
+    let _ = writeln!(s);
+}
+
 pub fn to_markdown(o: &SuiteOutcome) -> String {
     let mut s = String::new();
-    let verdict = if o.failed() == 0 { "passed" } else { "failed" };
-    let _ = writeln!(s, "## loragate · `{}` {verdict}\n", o.suite);
+    let _ = writeln!(s, "## loragate · `{}` {}\n", o.suite, verdict(o));
     let _ = writeln!(
         s,
-        "**{}** passed · **{}** failed · **{}** skipped — {} images ({} generated, {} cached) · scorer `{}` ({}) · {}-{}\n",
+        "**{}** passed · **{}** to review · **{}** failed · **{}** known failures · **{}** skipped — {} images ({} generated, {} cached) · scorer `{}` ({}) · {}-{}\n",
         o.passed(),
+        o.to_review(),
         o.failed(),
+        o.known(),
         o.skipped(),
         o.images_total,
         o.generated,
@@ -36,25 +59,35 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
         o.device,
         o.dtype
     );
-    let failures: Vec<_> = o.results.iter().filter(|r| matches!(r.status, Status::Failed | Status::Error)).collect();
-    if !failures.is_empty() {
-        let _ = writeln!(s, "### Failures\n");
-        for r in &failures {
-            let _ = writeln!(s, "- {} **{} · {}** — {}", icon(r.status), r.case, r.check, escape(&r.message));
-        }
-        let _ = writeln!(s);
-    }
-    let _ = writeln!(s, "<details><summary>All {} checks</summary>\n", o.results.len());
+    let of = |f: fn(Status) -> bool| o.results.iter().filter(|r| f(r.status)).collect::<Vec<_>>();
+    list(&mut s, "Failed", &of(Status::is_failure));
+    list(&mut s, "To review", &of(|st| st == Status::Review));
+    list(&mut s, "Known failures", &of(|st| st == Status::Known));
+    let rest = of(|st| matches!(st, Status::Passed | Status::Skipped));
+    let _ = writeln!(s, "<details><summary>Passed ({})</summary>\n", rest.len());
     let _ = writeln!(s, "| | case | check | result |\n|---|---|---|---|");
-    for r in &o.results {
+    for r in rest {
         let _ = writeln!(s, "| {} | {} | {} | {} |", icon(r.status), escape(&r.case), escape(&r.check), escape(&r.message));
     }
     let _ = writeln!(s, "\n</details>\n");
+    for (case, m) in &o.stacks {
+        let _ = writeln!(s, "**Stacking `{case}`**: what each LoRA (row) keeps of its own effect / look when stacked with another (column)\n");
+        let _ = writeln!(s, "| | {} |\n|---|{}", m.names.join(" | "), "---|".repeat(m.names.len()));
+        let pct = |x: Option<f64>| x.map(|x| format!("{:.0} %", x * 100.0)).unwrap_or_else(|| "–".into());
+        for (i, row) in m.names.iter().enumerate() {
+            let cells: Vec<String> = (0..m.names.len()).map(|k| if i == k { "alone".into() } else { format!("{} / {}", pct(m.effect_kept[i][k]), pct(m.identity_kept[i][k])) }).collect();
+            let _ = writeln!(s, "| **{row}** | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(s);
+    }
+    for n in &o.notes {
+        let _ = writeln!(s, "Note: {}\n", escape(n));
+    }
     if !o.pending.is_empty() {
-        let _ = writeln!(s, "{} new or changed images are pending review (`loragate baseline review`).\n", o.pending.len());
+        let _ = writeln!(s, "{} new or changed files were written under `baselines/` (`loragate baseline review`).\n", o.pending.len());
     }
     if !o.stale.is_empty() {
-        let _ = writeln!(s, "{} baseline images belong to no case any more (stale):", o.stale.len());
+        let _ = writeln!(s, "{} baseline files belong to no case any more (stale):", o.stale.len());
         for p in o.stale.iter().take(10) {
             let _ = writeln!(s, "- `{}`", p.display());
         }

@@ -1,20 +1,17 @@
 //! Cases → concrete generations.
 //!
 //! Each case expands into variants (the prompt as written, each tag order, each ladder rung,
-//! each base model, each sweep weight, each bisection prefix); each variant into one image per
-//! seed, plus the same seeds without LoRAs as the automatic control. Identical generations are
-//! planned once, whichever cases ask for them.
+//! each base model, each sweep weight, each bisection prefix, each LoRA and pair of a stack);
+//! each variant into one image per seed, plus the same seeds without LoRAs as the automatic
+//! control. Identical generations are planned once, whichever cases ask for them.
 
 use std::collections::HashMap;
-
-/// One variant before it becomes jobs: (label, model, prompt, stack, size, floor, weight,
-/// added word, with a control).
-type VariantSpec = (String, ModelRef, String, Vec<AdapterUse>, (usize, usize), f64, Option<f64>, Option<String>, bool);
 
 use super::{AdapterUse, ModelRef, Suite, Variant};
 use crate::error::Result;
 use crate::model::GenerationParams;
 use crate::model::pipeline::native_size;
+use crate::names::SafeName;
 
 /// One image to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,32 +25,36 @@ pub struct Job {
 }
 
 impl Job {
-    /// A structural identity for de-duplication within a plan.
+    /// A structural identity for de-duplication within a plan: everything that changes pixels,
+    /// the model by every part of its location (a single file and its folder are different
+    /// models from the folder alone).
     fn dedup_key(&self) -> String {
         let stack: Vec<String> = self.stack.iter().map(|a| format!("{}@{}", a.lora, a.weight)).collect();
         let p = &self.params;
-        format!(
-            "{}|{}|{}|{}|{}x{}|{}|{}|{}|{}|{}",
-            self.model.location.folder.display(),
-            self.model.location.unet_folder.as_ref().map(|u| u.display().to_string()).unwrap_or_default(),
-            stack.join(","),
-            self.prompt,
-            p.width,
-            p.height,
-            p.steps,
-            p.guidance,
-            p.sampler.name(),
-            p.negative_prompt,
-            self.seed
-        ) + &format!("|{}", p.clip_skip)
+        let loc = &self.model.location;
+        serde_json::json!({
+            "folder": loc.folder,
+            "unet": loc.unet_folder,
+            "single_file": loc.single_file,
+            "stack": stack,
+            "prompt": self.prompt,
+            "negative": p.negative_prompt,
+            "size": [p.width, p.height],
+            "steps": p.steps,
+            "guidance": p.guidance,
+            "sampler": p.sampler.name(),
+            "clip_skip": p.clip_skip,
+            "seed": self.seed,
+        })
+        .to_string()
     }
 }
 
 /// A variant of a case, with the jobs of its images.
 #[derive(Debug, Clone)]
 pub struct VariantPlan {
-    /// `main`, `order-2`, `192x192`, `tiny-sticker`, `w0.5`, `+2`.
-    pub label: String,
+    /// `main`, `order-2`, `192x192`, `tiny-sticker`, `w0.5`, `+2`, `zorb+sticker`.
+    pub label: SafeName,
     pub model: ModelRef,
     pub prompt: String,
     pub score_text: String,
@@ -70,6 +71,13 @@ pub struct VariantPlan {
     pub images: Vec<usize>,
     /// Job index per seed of the no-LoRA control (empty when the variant has none).
     pub controls: Vec<usize>,
+}
+
+impl VariantPlan {
+    /// `<variant>-s<seed>`: the image's file name in baselines and reports.
+    pub fn image_id(&self, seed: u64) -> SafeName {
+        SafeName::slug(&format!("{}-s{seed}", self.label))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +109,19 @@ impl JobTable {
     }
 }
 
+/// A variant before it becomes jobs.
+struct VariantSpec {
+    label: String,
+    model: ModelRef,
+    prompt: String,
+    stack: Vec<AdapterUse>,
+    size: (usize, usize),
+    floor: f64,
+    weight: Option<f64>,
+    added: Option<String>,
+    control: bool,
+}
+
 /// Expands every case of `suite`.
 pub fn expand(suite: &Suite) -> Result<Plan> {
     let mut table = JobTable { jobs: Vec::new(), index: HashMap::new() };
@@ -108,15 +129,6 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
     let mut cases = Vec::with_capacity(suite.cases.len());
     for (ci, case) in suite.cases.iter().enumerate() {
         let s = &case.settings;
-        let base_params = |size: (usize, usize)| GenerationParams {
-            steps: s.steps,
-            guidance: s.guidance,
-            width: size.0,
-            height: size.1,
-            sampler: s.sampler,
-            negative_prompt: s.negative_prompt.clone(),
-            clip_skip: s.clip_skip,
-        };
         let mut size_of = |m: &ModelRef| -> Result<(usize, usize)> {
             if let Some(sz) = s.size {
                 return Ok(sz);
@@ -133,76 +145,113 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
             if prompt == case.prompt {
                 case.score_text.clone()
             } else {
-                super::resolve::score_text(prompt, &loras_of(&case.adapters))
+                super::validate::score_text(prompt, &loras_of(&case.adapters))
             }
         };
-        let mut specs: Vec<VariantSpec> = Vec::new();
         let floor = case.thresholds.clip_floor;
+        let first = &case.models[0];
+        // The common shape: the case's prompt and stack on one model.
+        let spec = |label: String, model: &ModelRef, size: (usize, usize)| VariantSpec {
+            label,
+            model: model.clone(),
+            prompt: case.prompt.clone(),
+            stack: case.adapters.clone(),
+            size,
+            floor,
+            weight: None,
+            added: None,
+            control: case.control,
+        };
+        let mut specs: Vec<VariantSpec> = Vec::new();
         match &case.variant {
             Variant::Single => {
                 for m in &case.models {
-                    let label = if case.models.len() > 1 { m.name.clone() } else { "main".into() };
-                    specs.push((label, m.clone(), case.prompt.clone(), case.adapters.clone(), size_of(m)?, floor, None, None, case.control));
+                    let label = if case.models.len() > 1 { m.label.to_string() } else { "main".into() };
+                    specs.push(spec(label, m, size_of(m)?));
                 }
             }
             Variant::BaseSwap => {
                 for m in &case.models {
-                    specs.push((m.name.clone(), m.clone(), case.prompt.clone(), case.adapters.clone(), size_of(m)?, floor, None, None, case.control));
+                    specs.push(spec(m.label.to_string(), m, size_of(m)?));
                 }
             }
             Variant::WordOrder { prompts } => {
-                let m = &case.models[0];
                 for (i, p) in prompts.iter().enumerate() {
-                    specs.push((format!("order-{i}"), m.clone(), p.clone(), case.adapters.clone(), size_of(m)?, floor, None, None, case.control));
+                    specs.push(VariantSpec { prompt: p.clone(), ..spec(format!("order-{i}"), first, size_of(first)?) });
                 }
             }
             Variant::Ladder { rungs } => {
-                let m = &case.models[0];
                 for (size, f) in rungs {
-                    specs.push((format!("{}x{}", size.0, size.1), m.clone(), case.prompt.clone(), case.adapters.clone(), *size, f.unwrap_or(floor), None, None, case.control));
+                    specs.push(VariantSpec { floor: f.unwrap_or(floor), ..spec(format!("{}x{}", size.0, size.1), first, *size) });
                 }
             }
             Variant::Sweep { adapter, weights } => {
-                let m = &case.models[0];
                 for w in weights {
                     let mut stack = case.adapters.clone();
                     stack[*adapter].weight = *w;
-                    // The control (no LoRA) of the first weight doubles as the base render that
-                    // weight 0 must reproduce.
-                    specs.push((format!("w{w}"), m.clone(), case.prompt.clone(), stack, size_of(m)?, floor, Some(*w), None, case.control));
+                    // The control (no LoRA) doubles as the base render that weight 0 must
+                    // reproduce.
+                    specs.push(VariantSpec { stack, weight: Some(*w), ..spec(format!("w{w}"), first, size_of(first)?) });
                 }
             }
             Variant::Bisect { add } => {
-                let m = &case.models[0];
                 let mut prompt = case.prompt.clone();
-                specs.push(("+0".into(), m.clone(), prompt.clone(), case.adapters.clone(), size_of(m)?, floor, None, None, false));
+                specs.push(VariantSpec { control: false, ..spec("+0".into(), first, size_of(first)?) });
                 for (i, w) in add.iter().enumerate() {
                     prompt = format!("{}, {}", prompt.trim_end_matches([',', ' ']), w.trim());
-                    specs.push((format!("+{}", i + 1), m.clone(), prompt.clone(), case.adapters.clone(), size_of(m)?, floor, None, Some(w.clone()), false));
+                    specs.push(VariantSpec {
+                        prompt: prompt.clone(),
+                        added: Some(w.clone()),
+                        control: false,
+                        ..spec(format!("+{}", i + 1), first, size_of(first)?)
+                    });
+                }
+            }
+            Variant::Stack { loras } => {
+                // Each LoRA alone, then every pair in the order the suite lists them.
+                let size = size_of(first)?;
+                let name = |a: &AdapterUse| suite.loras[a.lora].name.to_string();
+                for a in loras {
+                    specs.push(VariantSpec { stack: vec![*a], ..spec(name(a), first, size) });
+                }
+                for i in 0..loras.len() {
+                    for k in i + 1..loras.len() {
+                        let label = format!("{}+{}", name(&loras[i]), name(&loras[k]));
+                        specs.push(VariantSpec { stack: vec![loras[i], loras[k]], ..spec(label, first, size) });
+                    }
                 }
             }
         }
         let mut variants = Vec::with_capacity(specs.len());
-        for (label, model, prompt, stack, size, floor, weight, added, control) in specs {
-            let params = base_params(size);
+        for v in specs {
+            let params = GenerationParams {
+                steps: s.steps,
+                guidance: s.guidance,
+                width: v.size.0,
+                height: v.size.1,
+                sampler: s.sampler,
+                negative_prompt: s.negative_prompt.clone(),
+                clip_skip: s.clip_skip,
+            };
             let mut images = Vec::new();
             let mut controls = Vec::new();
             for &seed in &s.seeds {
-                images.push(table.add(Job { model: model.clone(), stack: stack.clone(), prompt: prompt.clone(), seed, params: params.clone() }));
-                if control {
-                    controls.push(table.add(Job { model: model.clone(), stack: Vec::new(), prompt: prompt.clone(), seed, params: params.clone() }));
+                let job = Job { model: v.model.clone(), stack: v.stack.clone(), prompt: v.prompt.clone(), seed, params: params.clone() };
+                images.push(table.add(job));
+                if v.control {
+                    controls.push(table.add(Job { model: v.model.clone(), stack: Vec::new(), prompt: v.prompt.clone(), seed, params: params.clone() }));
                 }
             }
             variants.push(VariantPlan {
-                score_text: score(&prompt),
-                label,
-                model,
-                prompt,
-                stack,
+                score_text: score(&v.prompt),
+                label: SafeName::slug(&v.label),
+                model: v.model,
+                prompt: v.prompt,
+                stack: v.stack,
                 params,
-                floor,
-                weight,
-                added,
+                floor: v.floor,
+                weight: v.weight,
+                added: v.added,
                 seeds: s.seeds.clone(),
                 images,
                 controls,

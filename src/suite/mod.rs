@@ -1,4 +1,4 @@
-//! Prompt suites: YAML as written ([`raw`]) → a validated [`Suite`] ([`resolve`]) whose cases
+//! Prompt suites: YAML as written ([`raw`]) → a validated [`Suite`] ([`validate`]) whose cases
 //! expand into concrete generations ([`expand`]).
 //!
 //! Validation happens completely before anything is generated: unknown fields, wrong types,
@@ -6,22 +6,24 @@
 
 pub mod expand;
 pub mod raw;
-pub mod resolve;
+pub mod validate;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use resolve::load_suite;
+pub use validate::load_suite;
 
 use crate::lora::LoraFile;
 use crate::model::scheduler::SamplerKind;
 use crate::score::clip::Scale;
-pub use raw::{Aggregate, IncompatiblePolicy};
+pub use raw::{Aggregate, ChangedImagesPolicy, IncompatiblePolicy};
+
+use crate::names::SafeName;
 
 /// A validated suite.
 #[derive(Debug, Clone)]
 pub struct Suite {
-    pub name: String,
+    pub name: SafeName,
     pub file: PathBuf,
     pub description: Option<String>,
     /// The scorer argument as written and its resolved folder.
@@ -29,20 +31,31 @@ pub struct Suite {
     pub loras: Vec<SuiteLora>,
     pub cases: Vec<Case>,
     pub identity_groups: Vec<IdentityGroup>,
+    pub policy: Policy,
+    /// The suite-wide thresholds (cases may override them).
+    pub thresholds: Thresholds,
+}
+
+/// What to do when something cannot run as asked, or changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
     pub incompatible_base: IncompatiblePolicy,
+    pub changed_images: ChangedImagesPolicy,
 }
 
 /// A model as a suite names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ModelRef {
-    /// As written (`tiny`, `../models/sd15`).
+    /// As written (`tiny`, `../models/sd15`), for messages.
     pub name: String,
+    /// The name in file names (`tiny`, `sd15-1a2b3c4d`, `org--name`).
+    pub label: SafeName,
     pub location: crate::model::resolve::ModelLocation,
 }
 
 #[derive(Debug, Clone)]
 pub struct SuiteLora {
-    pub name: String,
+    pub name: SafeName,
     pub file: Arc<LoraFile>,
     pub weight: f64,
     pub trigger: Option<String>,
@@ -85,6 +98,18 @@ pub struct Thresholds {
     pub baseline: f64,
     pub sweep_zero: f64,
     pub blank: f64,
+    /// Floors and control drops also hold seed by seed (a melted seed fails even when the mean
+    /// passes).
+    pub per_seed: bool,
+    /// How much worse than the no-LoRA control the LoRA may be on word order and identity.
+    pub relative_margin: f64,
+    /// The share of the control's seed-to-seed variety the LoRA must keep (collapse check).
+    pub diversity: f64,
+    /// The largest share of its own pixel effect a LoRA may lose when stacked.
+    pub stack_loss: f64,
+    /// The largest tolerated drop against the accepted measurements (regression check), in
+    /// each measurement's own units.
+    pub regression: f64,
 }
 
 impl Default for Thresholds {
@@ -102,6 +127,11 @@ impl Default for Thresholds {
             baseline: 0.98,
             sweep_zero: 0.5 / 255.0,
             blank: 0.02,
+            per_seed: true,
+            relative_margin: 0.05,
+            diversity: 0.5,
+            stack_loss: 0.5,
+            regression: 0.02,
         }
     }
 }
@@ -120,6 +150,8 @@ pub enum Variant {
     Sweep { adapter: usize, weights: Vec<f64> },
     /// Prompt prefixes: the prompt, then with words added one at a time.
     Bisect { add: Vec<String> },
+    /// Stacking interference: each LoRA alone and every pair, at these weights.
+    Stack { loras: Vec<AdapterUse> },
 }
 
 impl Variant {
@@ -131,13 +163,14 @@ impl Variant {
             Variant::BaseSwap => "base-swap",
             Variant::Sweep { .. } => "sweep",
             Variant::Bisect { .. } => "bisect",
+            Variant::Stack { .. } => "stack",
         }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Case {
-    pub name: String,
+    pub name: SafeName,
     pub prompt: String,
     /// What CLIP scores (triggers replaced by class words, or `score_prompt`).
     pub score_text: String,
@@ -148,14 +181,41 @@ pub struct Case {
     pub variant: Variant,
     pub references: Vec<PathBuf>,
     pub thresholds: Thresholds,
+    pub known_failures: Vec<KnownFailure>,
     /// Where the case starts in the suite file.
     pub line: usize,
 }
 
+/// A check known to fail, and why (see [`crate::harness::Status::Known`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownFailure {
+    /// A check name, or a prefix ending in `*`.
+    pub check: String,
+    pub reason: String,
+}
+
+impl KnownFailure {
+    pub fn matches(&self, check: &str) -> bool {
+        match self.check.strip_suffix('*') {
+            Some(prefix) => check.starts_with(prefix),
+            None => check == self.check,
+        }
+    }
+}
+
+/// The checks a case can have, by the name before any `/` or `@` (for validating
+/// `known_failures`).
+pub const CHECK_KINDS: &[&str] = &[
+    "applied", "sanity", "images", "clip", "per-seed", "control", "effect", "leak", "word-order", "identity", "diversity", "sweep", "sweep-zero",
+    "bisect", "stack", "regression", "baseline",
+];
+
 #[derive(Debug, Clone)]
 pub struct IdentityGroup {
-    pub name: String,
-    pub cases: Vec<String>,
+    pub name: SafeName,
+    pub cases: Vec<SafeName>,
+    /// Why the group is known to fail, if it is.
+    pub known_failure: Option<String>,
 }
 
 /// Finds a suite: the path as given, else `suites/<path>`, else `<path>.yaml` in either.
@@ -167,37 +227,4 @@ pub fn find_suite(arg: &str) -> Option<PathBuf> {
         candidates.push(Path::new("suites").join(p).with_extension("yaml"));
     }
     candidates.into_iter().find(|c| c.is_file())
-}
-
-/// Checks a name that becomes a file or folder name: it must not escape its folder.
-pub fn check_file_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("is empty".into());
-    }
-    if name == "." || name == ".." || name.contains("..") {
-        return Err("contains `..`".into());
-    }
-    if name.contains('/') || name.contains('\\') || name.contains(':') {
-        return Err("contains a path separator".into());
-    }
-    if name.len() > 100 {
-        return Err("is longer than 100 characters".into());
-    }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("contains {c:?}; use letters, digits, `-`, `_` and `.`"));
-    }
-    if name.starts_with('.') || name.starts_with('-') {
-        return Err("starts with `.` or `-`".into());
-    }
-    Ok(())
-}
-
-/// A file-name-safe version of a name, for the hint.
-pub fn slug(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c.to_ascii_lowercase() } else { '-' })
-        .collect();
-    let s = s.trim_matches('-').to_string();
-    if s.is_empty() { "case".into() } else { s.chars().take(100).collect() }
 }

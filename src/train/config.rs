@@ -408,7 +408,7 @@ fn resolve(file: Option<&Path>, raw: RawTrainConfig, o: &Overrides) -> Result<Tr
 
     let name = match pick(o.name.clone(), "--name", raw.name) {
         Some((n, origin)) => {
-            crate::suite::check_file_name(&n).map_err(|why| {
+            crate::names::SafeName::new(&n).map_err(|why| {
                 ctx.err(&origin, "name", format!("`{n}` {why}"), Some("the name becomes a file name; use letters, digits, `-`, `_`"))
             })?;
             n
@@ -417,7 +417,7 @@ fn resolve(file: Option<&Path>, raw: RawTrainConfig, o: &Overrides) -> Result<Tr
             let stem = dataset.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             // `10_zorb` → `zorb`: a repeat folder given directly names the concept.
             let stem = super::dataset::repeat_folder(&stem).map(|(_, n)| n.to_string()).unwrap_or(stem);
-            crate::suite::slug(&stem)
+            crate::names::SafeName::slug(&stem).to_string()
         }
     };
 

@@ -81,7 +81,8 @@ impl Validator {
         let root = project_root(&cfg.suite);
         let opts = RunOptions {
             // Never touch the project's baselines from a training run.
-            ci: true,
+            update: crate::baseline::UpdateMode::Never,
+            no_checks: crate::harness::NoChecks::Fail,
             device: device.clone(),
             dtype,
             // Control images (no LoRA) repeat across checkpoints: cache them.
@@ -96,7 +97,7 @@ impl Validator {
     }
 
     pub fn suite_name(&self) -> &str {
-        &self.suite.name
+        self.suite.name.as_str()
     }
 
     /// Runs the suite with `checkpoint` in place of the chosen LoRA.

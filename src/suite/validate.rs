@@ -1,5 +1,6 @@
 //! Raw suite → validated [`Suite`]: defaults applied, names checked, models and LoRA files
-//! found and read, sizes and samplers parsed, variants expanded to their concrete lists.
+//! found and read, reference images decoded, sizes and samplers parsed, variants expanded to
+//! their concrete lists. Nothing is generated until all of this has succeeded.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -8,8 +9,9 @@ use std::sync::Arc;
 use serde_saphyr::Spanned;
 
 use super::raw::{self, RawCase, RawSuite, RawThresholds};
-use super::{AdapterUse, Case, IdentityGroup, ModelRef, Settings, Suite, SuiteLora, Thresholds, Variant};
+use super::{AdapterUse, Case, IdentityGroup, ModelRef, Policy, Settings, Suite, SuiteLora, Thresholds, Variant};
 use crate::error::{Error, ExitCode, Result};
+use crate::names::SafeName;
 use crate::lora::LoraFile;
 use crate::model::noise::Rng;
 use crate::model::resolve::{resolve_model, resolve_scorer};
@@ -39,8 +41,47 @@ impl Ctx<'_> {
 
 /// Reads, parses and validates a suite file.
 pub fn load_suite(path: &Path) -> Result<Suite> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        // Not text at all is a bad suite (exit 2), located at the first invalid byte.
+        Err(e) => {
+            let good = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+            let line = good.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = good.iter().rev().take_while(|b| **b != b'\n').count() + 1;
+            return Err(Error::Suite {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message: "the suite file is not UTF-8 text".into(),
+                hint: Some("save it as UTF-8; suite files are YAML".into()),
+                infrastructure: false,
+            });
+        }
+    };
     parse_suite(path, &text)
+}
+
+/// The name a suite file gives its baselines (its `name:`, else its file stem), without
+/// loading its models and LoRAs.
+pub fn suite_name_of(path: &Path) -> Result<SafeName> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let ctx = Ctx { file: path, dir };
+    let raw: RawSuite = serde_saphyr::from_str(&text).map_err(|e| yaml_error(&ctx, &e))?;
+    suite_name(&ctx, &raw)
+}
+
+fn suite_name(ctx: &Ctx, raw: &RawSuite) -> Result<SafeName> {
+    match &raw.name {
+        Some(n) => check_name(ctx, n, "suite name"),
+        None => {
+            let stem = ctx.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "suite".into());
+            SafeName::new(&stem).map_err(|why| {
+                ctx.err_at(1, 1, format!("the file name `{stem}` {why} and the suite has no `name:`"), Some(format!("add `name: {}`", SafeName::slug(&stem))))
+            })
+        }
+    }
 }
 
 /// Parses and validates suite text; `path` locates relative files and names the file in errors.
@@ -87,9 +128,9 @@ fn parse_sampler(ctx: &Ctx, s: &Spanned<String>) -> Result<SamplerKind> {
     SamplerKind::parse(&s.value).map_err(|e| ctx.err(s, e.to_string(), None))
 }
 
-fn check_name(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<()> {
-    super::check_file_name(&s.value).map_err(|why| {
-        ctx.err(s, format!("{what} `{}` {why}", s.value), Some(format!("{what}s name files; try `{}`", super::slug(&s.value))))
+fn check_name(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<SafeName> {
+    SafeName::new(&s.value).map_err(|why| {
+        ctx.err(s, format!("{what} `{}` {why}", s.value), Some(format!("{what}s name files; try `{}`", SafeName::slug(&s.value))))
     })
 }
 
@@ -101,7 +142,7 @@ fn resolve_model_ref(ctx: &Ctx, s: &Spanned<String>) -> Result<ModelRef> {
         ctx.path(written).to_string_lossy().into_owned()
     };
     match resolve_model(&arg) {
-        Ok(location) => Ok(ModelRef { name: written.clone(), location }),
+        Ok(location) => Ok(ModelRef { name: written.clone(), label: SafeName::for_model(written), location }),
         Err(e) => {
             // A model folder that is not there is an environment problem (exit 3); an unknown
             // built-in name or a folder that is not a model is the suite's fault (exit 2).
@@ -134,11 +175,26 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
         baseline: raw.baseline.unwrap_or(base.baseline),
         sweep_zero: raw.sweep_zero.unwrap_or(base.sweep_zero),
         blank: raw.blank.unwrap_or(base.blank),
+        per_seed: raw.per_seed.unwrap_or(base.per_seed),
+        relative_margin: raw.relative_margin.unwrap_or(base.relative_margin),
+        diversity: raw.diversity.unwrap_or(base.diversity),
+        stack_loss: raw.stack_loss.unwrap_or(base.stack_loss),
+        regression: raw.regression.unwrap_or(base.regression),
     }
 }
 
 fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
-    let unit = [("effect", t.effect), ("word_order", t.word_order), ("baseline", t.baseline), ("blank", t.blank), ("sweep_zero", t.sweep_zero)];
+    let unit = [
+        ("effect", t.effect),
+        ("word_order", t.word_order),
+        ("baseline", t.baseline),
+        ("blank", t.blank),
+        ("sweep_zero", t.sweep_zero),
+        ("relative_margin", t.relative_margin),
+        ("diversity", t.diversity),
+        ("stack_loss", t.stack_loss),
+        ("regression", t.regression),
+    ];
     let unit = unit.into_iter().chain(t.leak.map(|v| ("leak", v)));
     for (name, v) in unit {
         if !(0.0..=1.0).contains(&v) {
@@ -279,19 +335,7 @@ fn permutations(ctx: &Ctx, case: &RawCase, spec: &Spanned<raw::RawWordOrder>) ->
 }
 
 fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
-    let name = match &raw.name {
-        Some(n) => {
-            check_name(ctx, n, "suite name")?;
-            n.value.clone()
-        }
-        None => {
-            let stem = ctx.file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "suite".into());
-            super::check_file_name(&stem).map_err(|why| {
-                ctx.err_at(1, 1, format!("the file name `{stem}` {why} and the suite has no `name:`"), Some(format!("add `name: {}`", super::slug(&stem))))
-            })?;
-            stem
-        }
-    };
+    let name = suite_name(ctx, &raw)?;
     let scorer_arg = raw.scorer.as_ref().map(|s| s.value.clone()).unwrap_or_else(|| crate::model::resolve::BUILTIN_SCORER.into());
     let scorer_path = {
         let arg = if scorer_arg == crate::model::resolve::BUILTIN_SCORER { scorer_arg.clone() } else { ctx.path(&scorer_arg).to_string_lossy().into_owned() };
@@ -308,9 +352,8 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         if loras.iter().any(|x| x.name == l.name.value) {
             return Err(ctx.err(&l.name, format!("LoRA name `{}` is used twice", l.name.value), None));
         }
-        if l.name.value.contains(':') || l.name.value.trim().is_empty() {
-            return Err(ctx.err(&l.name, "a LoRA name must be non-empty and must not contain `:`", None));
-        }
+        // LoRA names appear in variant labels and file names (`zorb+sticker-s0.png`).
+        let name = check_name(ctx, &l.name, "LoRA name")?;
         let path = ctx.path(&l.file.value);
         if !path.is_file() {
             return Err(ctx.err(
@@ -332,7 +375,7 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
             return Err(ctx.err(&l.name, "weight is not a finite number", None));
         }
         loras.push(SuiteLora {
-            name: l.name.value.clone(),
+            name,
             file,
             weight,
             trigger: l.trigger.clone().filter(|t| !t.trim().is_empty()),
@@ -341,7 +384,7 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
     }
 
     let suite_models: Vec<ModelRef> = if raw.models.is_empty() {
-        vec![ModelRef { name: "tiny".into(), location: resolve_model("tiny")? }]
+        vec![ModelRef { name: "tiny".into(), label: SafeName::for_model("tiny"), location: resolve_model("tiny")? }]
     } else {
         raw.models.iter().map(|m| resolve_model_ref(ctx, m)).collect::<Result<_>>()?
     };
@@ -369,11 +412,11 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         return Err(ctx.err_at(1, 1, "the suite has no cases", Some("add a `cases:` list with at least one case".into())));
     }
     for rc in &raw.cases {
-        check_name(ctx, &rc.name, "case name")?;
-        if !names.insert(rc.name.value.clone()) {
+        let name = check_name(ctx, &rc.name, "case name")?;
+        if !names.insert(name.clone()) {
             return Err(ctx.err(&rc.name, format!("case name `{}` is used twice", rc.name.value), None));
         }
-        cases.push(resolve_case(ctx, rc, &defaults, &default_adapters, &loras, &suite_models, &suite_thresholds)?);
+        cases.push(resolve_case(ctx, rc, name, &defaults, &default_adapters, &loras, &suite_models, &suite_thresholds)?);
     }
 
     let mut identity_groups = Vec::new();
@@ -381,13 +424,20 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         if g.cases.len() < 2 {
             return Err(ctx.err(&g.name, "an identity group needs at least two cases", None));
         }
+        let mut members = Vec::new();
         for c in &g.cases {
-            if !names.contains(&c.value) {
-                return Err(ctx.err(c, format!("identity group `{}` names no case `{}`", g.name.value, c.value), None));
+            match names.iter().find(|n| n.as_str() == c.value) {
+                Some(n) if !members.contains(n) => members.push(n.clone()),
+                Some(_) => return Err(ctx.err(c, format!("identity group `{}` names case `{}` twice", g.name.value, c.value), None)),
+                None => return Err(ctx.err(c, format!("identity group `{}` names no case `{}`", g.name.value, c.value), None)),
             }
         }
-        check_name(ctx, &g.name, "identity group name")?;
-        identity_groups.push(IdentityGroup { name: g.name.value.clone(), cases: g.cases.iter().map(|c| c.value.clone()).collect() });
+        let group = check_name(ctx, &g.name, "identity group name")?;
+        if identity_groups.iter().any(|x: &IdentityGroup| x.name == group) {
+            return Err(ctx.err(&g.name, format!("identity group name `{}` is used twice", g.name.value), None));
+        }
+        let known_failure = g.known_failure.clone().filter(|r| !r.trim().is_empty());
+        identity_groups.push(IdentityGroup { name: group, cases: members, known_failure });
     }
 
     Ok(Suite {
@@ -398,13 +448,19 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         loras,
         cases,
         identity_groups,
-        incompatible_base: raw.policy.incompatible_base.unwrap_or(raw::IncompatiblePolicy::Fail),
+        policy: Policy {
+            incompatible_base: raw.policy.incompatible_base.unwrap_or(raw::IncompatiblePolicy::Fail),
+            changed_images: raw.policy.changed_images.unwrap_or_default(),
+        },
+        thresholds: suite_thresholds,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn resolve_case(
     ctx: &Ctx,
     rc: &RawCase,
+    name: SafeName,
     defaults: &Settings,
     default_adapters: &[AdapterUse],
     loras: &[SuiteLora],
@@ -436,7 +492,7 @@ fn resolve_case(
     if !settings.guidance.is_finite() {
         return Err(ctx.err(&rc.name, "guidance is not a finite number", None));
     }
-    let adapters = match &rc.adapters {
+    let mut adapters = match &rc.adapters {
         Some(list) => parse_adapters(ctx, list, loras)?,
         None => default_adapters.to_vec(),
     };
@@ -452,11 +508,12 @@ fn resolve_case(
         rc.models.is_some(),
         rc.sweep.is_some(),
         rc.bisect.is_some(),
+        rc.stack.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() > 1 {
         return Err(ctx.err(
             &rc.name,
-            "a case can have one variant (word_order, ladder, models, sweep or bisect)",
+            "a case can have one variant (word_order, ladder, models, sweep, bisect or stack)",
             Some("split it into one case per variant".into()),
         ));
     }
@@ -477,7 +534,14 @@ fn resolve_case(
         if ms.is_empty() {
             return Err(ctx.err(&rc.name, "`models` is empty", None));
         }
-        models = ms.iter().map(|m| resolve_model_ref(ctx, m)).collect::<Result<_>>()?;
+        models = Vec::new();
+        for m in ms {
+            let r = resolve_model_ref(ctx, m)?;
+            if models.iter().any(|x: &ModelRef| x.label == r.label || x.location == r.location) {
+                return Err(ctx.err(m, format!("model `{}` is listed twice", m.value), None));
+            }
+            models.push(r);
+        }
         Variant::BaseSwap
     } else if let Some(sw) = &rc.sweep {
         let adapter = adapters.iter().position(|a| loras[a.lora].name == sw.value.lora).ok_or_else(|| {
@@ -492,6 +556,14 @@ fn resolve_case(
             return Err(ctx.err(&rc.name, "bisect.add is empty", None));
         }
         Variant::Bisect { add: b.add.clone() }
+    } else if let Some(st) = &rc.stack {
+        if rc.adapters.is_some() {
+            return Err(ctx.err(st, "a stack case takes its LoRAs from `stack:`", Some("remove `adapters` from this case".into())));
+        }
+        let stacked = parse_stack(ctx, st, loras)?;
+        // The whole stack is the case's adapters: what `applied` and the score text refer to.
+        adapters = stacked.clone();
+        Variant::Stack { loras: stacked }
     } else {
         Variant::Single
     };
@@ -500,23 +572,43 @@ fn resolve_case(
             .iter()
             .map(|r| {
                 let p = ctx.path(&r.value);
-                if p.is_file() {
-                    Ok(p)
-                } else {
-                    Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None))
+                if !p.is_file() {
+                    return Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None));
                 }
+                // Decoded now, so a corrupt reference stops the run before anything is generated.
+                crate::imageio::read_image(&p).map_err(|e| {
+                    ctx.err(r, format!("reference image `{}` cannot be read: {e}", r.value), Some("replace it with a PNG, JPEG or WebP image".into()))
+                })?;
+                Ok(p)
             })
             .collect::<Result<_>>()?,
         None => Vec::new(),
     };
     let used: Vec<&SuiteLora> = adapters.iter().map(|a| &loras[a.lora]).collect();
     let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&rc.prompt.value, &used));
+    if matches!(variant, Variant::Stack { .. }) && rc.control == Some(false) {
+        return Err(ctx.err(&rc.name, "a stack case needs its no-LoRA control: it measures each LoRA's effect against it", Some("remove `control: false`".into())));
+    }
+    let mut known_failures = Vec::new();
+    for k in rc.known_failures.iter().flatten() {
+        let kind = k.value.check.trim_end_matches('*');
+        let base = kind.split(['/', '@']).next().unwrap_or("");
+        let valid = super::CHECK_KINDS.iter().any(|c| if k.value.check.ends_with('*') { c.starts_with(base) } else { *c == base });
+        if !valid {
+            return Err(ctx.err(k, format!("known failure `{}` names no check", k.value.check), Some(format!("checks: {}", super::CHECK_KINDS.join(", ")))));
+        }
+        if k.value.reason.trim().is_empty() {
+            return Err(ctx.err(k, "a known failure needs a reason", Some("say why it fails, so the report can tell the reader".into())));
+        }
+        known_failures.push(super::KnownFailure { check: k.value.check.clone(), reason: k.value.reason.trim().to_string() });
+    }
     Ok(Case {
-        name: rc.name.value.clone(),
+        name,
+        known_failures,
         prompt: rc.prompt.value.clone(),
         score_text,
         settings,
-        control: rc.control.unwrap_or(!adapters.is_empty()) && !adapters.is_empty(),
+        control: rc.control.unwrap_or(true) && !adapters.is_empty(),
         adapters,
         models,
         variant,
@@ -524,4 +616,35 @@ fn resolve_case(
         thresholds,
         line,
     })
+}
+
+/// A stack variant's LoRAs, by name, with their weights.
+fn parse_stack(ctx: &Ctx, st: &Spanned<raw::RawStack>, loras: &[SuiteLora]) -> Result<Vec<AdapterUse>> {
+    let spec = &st.value;
+    if spec.loras.len() < 2 {
+        return Err(ctx.err(st, "a stack needs at least two LoRAs", Some("list them under `loras:`, e.g. [zorb, sticker]".into())));
+    }
+    if spec.loras.len() > 6 {
+        return Err(ctx.err(st, format!("a stack of {} LoRAs makes {} pairs; at most 6 LoRAs", spec.loras.len(), spec.loras.len() * (spec.loras.len() - 1) / 2), None));
+    }
+    if let Some(w) = &spec.weights
+        && w.len() != spec.loras.len() {
+            return Err(ctx.err(st, format!("the stack has {} LoRAs and {} weights", spec.loras.len(), w.len()), Some("give one weight per LoRA, or none".into())));
+        }
+    let mut out: Vec<AdapterUse> = Vec::new();
+    for (i, name) in spec.loras.iter().enumerate() {
+        let idx = loras.iter().position(|l| l.name == name.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = loras.iter().map(|l| l.name.as_str()).collect();
+            ctx.err(st, format!("the stack names no LoRA `{name}`"), Some(format!("known LoRAs: {}", known.join(", "))))
+        })?;
+        if out.iter().any(|a| a.lora == idx) {
+            return Err(ctx.err(st, format!("the stack names `{name}` twice"), None));
+        }
+        let weight = spec.weights.as_ref().map(|w| w[i]).unwrap_or(loras[idx].weight);
+        if !weight.is_finite() || weight == 0.0 {
+            return Err(ctx.err(st, format!("stack weight {weight} of `{name}` must be a finite number other than 0"), None));
+        }
+        out.push(AdapterUse { lora: idx, weight });
+    }
+    Ok(out)
 }

@@ -1,0 +1,88 @@
+//! What a seed means, pinned: the RNG's first values (computed independently from the published
+//! algorithms), an image that does not depend on the batch it was made in, and golden images per
+//! generator version, so pixels cannot change while `GENERATOR_VERSION` stays the same (cached
+//! images and baselines would then lie about what produced them).
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use loragate::harness::cache::GENERATOR_VERSION;
+use loragate::imageio::{read_image, tensor_to_images, write_png};
+use loragate::model::GenerationParams;
+use loragate::model::noise::{Rng, initial_latents};
+use loragate::model::scheduler::SamplerKind;
+use loragate::score::pixels::{max_abs_diff, mean_abs_diff};
+
+/// xoshiro256** seeded through SplitMix64 and Box–Muller normals, the values computed by an
+/// independent Python implementation of the published algorithms (README, "Seeds").
+#[test]
+fn the_rng_gives_the_documented_sequence() {
+    let mut r = Rng::new(0);
+    assert_eq!([r.next_u64(), r.next_u64(), r.next_u64()], [0x99ec5f36cb75f2b4, 0xbf6e1f784956452a, 0x1a5f849d4933e6e0]);
+    let mut r = Rng::new(42);
+    assert_eq!([r.next_u64(), r.next_u64(), r.next_u64()], [0x15780b2e0c2ec716, 0x6104d9866d113a7e, 0xae17533239e499a1]);
+    // Bit patterns of the f32 normals (−0.279024, 1.527723, 1.899769, −0.226696, 2.136306, −2.196918).
+    let normals: Vec<u32> = Rng::new(7).normals(6).into_iter().map(f32::to_bits).collect();
+    assert_eq!(normals, [0xbe8edc3c, 0x3fc38c6f, 0x3ff32b9e, 0xbe6822ee, 0x4008b93d, 0xc00c9a4d]);
+}
+
+#[test]
+fn image_i_of_a_batch_has_the_noise_of_its_seed_alone() {
+    let batch = initial_latents(&[5, 6, 7], 4, 16, 16, &Device::Cpu).unwrap();
+    for (i, seed) in [5u64, 6, 7].into_iter().enumerate() {
+        let alone = initial_latents(&[seed], 4, 16, 16, &Device::Cpu).unwrap();
+        let row = batch.narrow(0, i, 1).unwrap();
+        assert_eq!(row.flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "seed {seed}");
+    }
+}
+
+fn params(sampler: SamplerKind) -> GenerationParams {
+    GenerationParams { steps: 10, guidance: 5.0, width: 128, height: 128, sampler, ..Default::default() }
+}
+
+#[test]
+fn image_i_of_a_batch_equals_its_seed_generated_alone() {
+    let pipe = common::tiny();
+    let p = params(SamplerKind::Ddim);
+    let prompts = ["red circle, large, in the center, sky background", "blue square, small, on the left, white background"];
+    let batch = tensor_to_images(&pipe.generate(&prompts, &[3, 4], &p, &mut |_, _| {}).unwrap()).unwrap();
+    for (i, (prompt, seed)) in prompts.iter().zip([3u64, 4]).enumerate() {
+        let alone = tensor_to_images(&pipe.generate(&[prompt], &[seed], &p, &mut |_, _| {}).unwrap()).unwrap();
+        let d = max_abs_diff(&batch[i], &alone[0]).unwrap();
+        assert!(d <= 1.0 / 255.0, "image {i} differs from seed {seed} alone by {:.1}/255", d * 255.0);
+    }
+}
+
+fn golden(name: &str) -> PathBuf {
+    common::fixtures().join("golden").join(format!("{GENERATOR_VERSION}-{name}.png"))
+}
+
+/// Pixels of today's generator against the golden images of its version. A difference beyond
+/// float noise across CPUs means the generator changed pixels: bump `GENERATOR_VERSION`
+/// (src/harness/cache.rs) and bless new golden images with `LORAGATE_BLESS=1`.
+#[test]
+fn pixels_change_only_with_the_generator_version() {
+    let pipe = common::tiny();
+    let bless = std::env::var("LORAGATE_BLESS").is_ok_and(|v| v == "1");
+    for (name, sampler) in [("ddim", SamplerKind::Ddim), ("euler", SamplerKind::Euler)] {
+        let img = tensor_to_images(&pipe.generate(&["zorb, large, on the left, grass background"], &[11], &params(sampler), &mut |_, _| {}).unwrap()).unwrap().remove(0);
+        let path = golden(name);
+        if bless {
+            write_png(&path, &img, &[]).unwrap();
+            continue;
+        }
+        assert!(
+            path.is_file(),
+            "no golden image for generator version {GENERATOR_VERSION} ({}): if you bumped the version on purpose, run `LORAGATE_BLESS=1 cargo test --release --test golden`",
+            path.display()
+        );
+        let want = read_image(&path).unwrap();
+        let (max, mean) = (max_abs_diff(&img, &want).unwrap() * 255.0, mean_abs_diff(&img, &want).unwrap() * 255.0);
+        assert!(
+            max <= 2.0 && mean <= 0.05,
+            "{name}: pixels moved by up to {max:.1}/255 (mean {mean:.3}/255) while GENERATOR_VERSION is still {GENERATOR_VERSION}: bump it in src/harness/cache.rs and bless new golden images"
+        );
+    }
+}
