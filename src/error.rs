@@ -120,3 +120,16 @@ pub fn yaml_error_parts(e: &serde_saphyr::Error) -> (usize, usize, String) {
     (line, column, message)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bugs_have_their_own_exit_code_and_user_errors_keep_2() {
+        assert_eq!(Error::internal("job 3 was neither cached nor generated").exit_code() as i32, 101);
+        assert!(Error::internal("x").to_string().contains("a bug in loragate"));
+        assert_eq!(Error::invalid("bad flag").exit_code() as i32, 2);
+        assert_eq!(Error::model("m", "missing").exit_code() as i32, 3);
+    }
+}

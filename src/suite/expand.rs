@@ -261,3 +261,34 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
     }
     Ok(Plan { cases, jobs: table.jobs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::resolve::ModelLocation;
+    use std::path::PathBuf;
+
+    fn single_file(name: &str) -> ModelRef {
+        let written = format!("../models/{name}.safetensors");
+        ModelRef {
+            name: written.clone(),
+            label: SafeName::for_model(&written),
+            location: ModelLocation { name: written, folder: PathBuf::from("models"), unet_folder: None, single_file: Some(PathBuf::from(format!("models/{name}.safetensors"))) },
+        }
+    }
+
+    /// Two single files in one folder are two models: a base swap between them must plan two
+    /// jobs, not compare one model with itself, and their labels keep no `../`.
+    #[test]
+    fn single_files_in_one_folder_are_different_jobs() {
+        let job = |m: ModelRef| Job { model: m, stack: vec![], prompt: "a".into(), seed: 0, params: GenerationParams::default() };
+        let (a, b) = (single_file("a"), single_file("b"));
+        assert_ne!(job(a.clone()).dedup_key(), job(b.clone()).dedup_key());
+        assert_eq!(job(a.clone()).dedup_key(), job(single_file("a")).dedup_key());
+        let mut table = JobTable { jobs: Vec::new(), index: HashMap::new() };
+        assert_ne!(table.add(job(a.clone())), table.add(job(b.clone())));
+        for m in [a, b] {
+            assert!(!m.label.as_str().contains(".."), "{}", m.label);
+        }
+    }
+}
