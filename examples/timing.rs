@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use loragate::model::{GenerationParams, Pipeline, resolve::resolve_model};
+use loragate::model::{GenerationParams, Pipeline, locate::resolve_model};
 
 /// CPU time of all of this process's threads, from /proc (ns resolution).
 fn cpu_time() -> Duration {

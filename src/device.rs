@@ -1,6 +1,7 @@
 //! Choosing where tensors live: `--device cpu`, `cuda`, `cuda:N`.
 
-use candle_core::{DType, Device};
+/// The device and dtype handles the rest of the crate passes around without computing on them.
+pub use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 

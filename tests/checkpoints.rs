@@ -20,7 +20,7 @@ use loragate::model::text_encoder::{LayerChoice, TextConfig, TextEncoder};
 use loragate::model::unet::{AddedConditioning, UNet, UNetConfig};
 use loragate::model::vae::{Vae, VaeConfig};
 use loragate::model::{Family, GenerationParams, Pipeline};
-use loragate::score::ClipScorer;
+use loragate::model::clip::ClipModel;
 
 fn ldm_unet_shapes(c: &UNetConfig) -> BTreeMap<String, Vec<usize>> {
     let shapes: BTreeMap<String, Vec<usize>> = unet_parameters(c).unwrap().into_iter().collect();
@@ -175,8 +175,8 @@ fn loras_are_refused_across_families_naming_both() {
     };
     let bytes = loragate::tensors::serialize(&to_tensors(&[m], KeyStyle::Kohya).unwrap(), &BTreeMap::new(), loragate::tensors::SaveDtype::F32).unwrap();
     let lora = LoraFile::from_bytes(Path::new("sd15-style.safetensors"), &bytes).unwrap();
-    let index = loragate::lora::resolve::TargetIndex::new(&targets, Some(&cfg));
-    let err = loragate::lora::resolve::resolve_lora(&lora, &index, "sd_xl_base_1.0", Family::Sdxl).unwrap_err().to_string();
+    let index = loragate::lora::apply::TargetIndex::new(&targets, Some(&cfg));
+    let err = loragate::lora::apply::resolve_lora(&lora, &index, "sd_xl_base_1.0", Family::Sdxl).unwrap_err().to_string();
     assert!(err.contains("SD 1.x") && err.contains("SDXL"), "{err}");
     // SDXL kohya files name UNet modules the SGM way and use te1/te2.
     let m = ExportModule {
@@ -188,7 +188,7 @@ fn loras_are_refused_across_families_naming_both() {
     };
     let bytes = loragate::tensors::serialize(&to_tensors(&[m], KeyStyle::Kohya).unwrap(), &BTreeMap::new(), loragate::tensors::SaveDtype::F32).unwrap();
     let lora = LoraFile::from_bytes(Path::new("sdxl.safetensors"), &bytes).unwrap();
-    let bound = loragate::lora::resolve::resolve_lora(&lora, &index, "sd_xl_base_1.0", Family::Sdxl).unwrap();
+    let bound = loragate::lora::apply::resolve_lora(&lora, &index, "sd_xl_base_1.0", Family::Sdxl).unwrap();
     assert_eq!(bound.modules[0].target, "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k");
     // lora_te2_ means SDXL, whatever the widths.
     let mut t2 = BTreeMap::new();
@@ -196,7 +196,7 @@ fn loras_are_refused_across_families_naming_both() {
     t2.insert("lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight".to_string(), Tensor::zeros((1280, 4), DType::F32, &Device::Cpu).unwrap());
     let bytes = loragate::tensors::serialize(&t2, &BTreeMap::new(), loragate::tensors::SaveDtype::F32).unwrap();
     let lora = LoraFile::from_bytes(Path::new("te2.safetensors"), &bytes).unwrap();
-    assert_eq!(loragate::lora::resolve::probable_family(&lora), Some(Family::Sdxl));
+    assert_eq!(loragate::lora::apply::probable_family(&lora), Some(Family::Sdxl));
     let pipe = common::tiny();
     let err = LoraStack::resolve(&pipe, &[(&lora, 1.0)]).unwrap_err().to_string();
     assert!(err.contains("SDXL") && err.contains("tiny-sd"), "{err}");
@@ -216,7 +216,7 @@ fn tmp(name: &str) -> PathBuf {
 
 #[test]
 fn tiny_sd_round_trips_through_an_a1111_single_file() {
-    let folder = loragate::model::resolve::assets_dir().unwrap().join("tiny-sd");
+    let folder = loragate::model::locate::assets_dir().unwrap().join("tiny-sd");
     let dir = tmp("single");
     let file = dir.join("tiny-sd.safetensors");
     loragate::model::single_file::write_from_folder(&folder, &file).unwrap();
@@ -225,7 +225,7 @@ fn tiny_sd_round_trips_through_an_a1111_single_file() {
     assert!(shapes.contains_key("first_stage_model.decoder.up.0.block.0.conv1.weight"));
     assert!(shapes.contains_key("cond_stage_model.transformer.text_model.final_layer_norm.weight"));
     let from_folder = common::tiny();
-    let location = loragate::model::resolve::resolve_model(file.to_str().unwrap()).unwrap();
+    let location = loragate::model::locate::resolve_model(file.to_str().unwrap()).unwrap();
     assert!(location.single_file.is_some());
     let from_file = Pipeline::load(&location, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(from_file.targets().len(), from_folder.targets().len());
@@ -235,7 +235,7 @@ fn tiny_sd_round_trips_through_an_a1111_single_file() {
 
 #[test]
 fn a_hugging_face_cache_tree_resolves_offline_and_missing_ids_say_how_to_get_them() {
-    let folder = loragate::model::resolve::assets_dir().unwrap().join("tiny-sd");
+    let folder = loragate::model::locate::assets_dir().unwrap().join("tiny-sd");
     let cache = tmp("hfcache");
     let repo = cache.join("models--loragate--tiny-sd");
     let snap = repo.join("snapshots").join("0123456789abcdef");
@@ -285,7 +285,7 @@ fn clip_scorers_in_the_transformers_layout_embed_at_224() {
         "text_config": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "eos_token_id": 2},
         "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224, "patch_size": 14, "hidden_act": "quick_gelu"}}"#;
     for (name, cfg, dim) in [("ViT-B/32", b32, 512), ("ViT-L/14", l14, 768)] {
-        let scorer = ClipScorer::with_random_weights(cfg, 1, &Device::Cpu).unwrap();
+        let scorer = ClipModel::with_random_weights(cfg, 1, &Device::Cpu).unwrap();
         assert_eq!(scorer.image_size(), 224);
         // A non-square image: shortest side to 224, centre crop.
         let img = image::RgbImage::from_fn(320, 240, |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
@@ -302,7 +302,7 @@ fn clip_scorers_in_the_transformers_layout_embed_at_224() {
 #[test]
 fn vocab_json_and_merges_txt_tokenize_like_the_merge_list() {
     // Write CLIP's tokenizer in the SD-folder layout and check both readers agree.
-    let gz = loragate::model::tokenizer::Tokenizer::from_clip_bpe_gz(&loragate::model::resolve::clip_vocab_path().unwrap()).unwrap();
+    let gz = loragate::model::tokenizer::Tokenizer::from_clip_bpe_gz(&loragate::model::locate::clip_vocab_path().unwrap()).unwrap();
     let dir = tmp("vocab");
     let (vocab, merges) = export_vocab(&gz);
     std::fs::write(dir.join("vocab.json"), vocab).unwrap();

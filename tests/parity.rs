@@ -132,9 +132,9 @@ fn zorb_lora_matches_diffusers_in_both_formats_and_weights() {
 
 #[test]
 fn clip_scorer_matches_transformers() {
-    use loragate::model::resolve::resolve_scorer;
-    use loragate::score::ClipScorer;
-    let scorer = ClipScorer::load(&resolve_scorer("tiny-clip").unwrap(), &candle_core::Device::Cpu).unwrap();
+    use loragate::model::locate::resolve_scorer;
+    use loragate::model::clip::ClipModel;
+    let scorer = ClipModel::load(&resolve_scorer("tiny-clip").unwrap(), &candle_core::Device::Cpu).unwrap();
     // Preprocessing: 128 → 64 antialiased bicubic, then OpenAI normalisation.
     let pixels = scorer.preprocess(&fixture("pipe.images")).unwrap();
     let d = max_abs_diff(&pixels, &fixture("clip.pixel_values"));
@@ -152,7 +152,7 @@ fn clip_scorer_matches_transformers() {
     // End to end from our own preprocessing and tokenizer: the reference cosines.
     let meta = parity_json();
     let prompts: Vec<&str> = meta["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    let cos = loragate::score::clip::row_cosines(&scorer.image_embeddings_from_pixels(&pixels).unwrap(), &scorer.text_embeddings(&prompts).unwrap()).unwrap();
+    let cos = loragate::model::clip::row_cosines(&scorer.image_embeddings_from_pixels(&pixels).unwrap(), &scorer.text_embeddings(&prompts).unwrap()).unwrap();
     let want: Vec<f64> = meta["clip_cosine"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     for (g, w) in cos.iter().zip(&want) {
         assert!((g - w).abs() < 1e-3, "cosine {g} vs {w}");

@@ -85,7 +85,7 @@ fn zorb() -> PathBuf {
 fn write_noop_lora(path: &Path) {
     let pipe = common::tiny();
     let z = LoraFile::load(&zorb()).unwrap();
-    let index = loragate::lora::resolve::TargetIndex::new(pipe.targets(), Some(&pipe.unet.config));
+    let index = loragate::lora::apply::TargetIndex::new(pipe.targets(), Some(&pipe.unet.config));
     let modules: Vec<ExportModule> = z
         .modules
         .iter()

@@ -199,9 +199,9 @@ fn finite_differences_prove_the_gradient_of_every_lora_matrix() {
 // (b) A short training run
 
 /// For each generated image, its tiny-clip cosine with the nearest training image; averaged.
-fn mean_similarity(scorer: &loragate::score::ClipScorer, images: &[image::RgbImage], train: &Tensor) -> f64 {
+fn mean_similarity(scorer: &loragate::model::clip::ClipModel, images: &[image::RgbImage], train: &Tensor) -> f64 {
     let e = scorer.image_embeddings(images).unwrap();
-    let m = loragate::score::clip::cosine_matrix(&e, train).unwrap();
+    let m = loragate::model::clip::cosine_matrix(&e, train).unwrap();
     m.iter().map(|row| row.iter().cloned().fold(f64::MIN, f64::max)).sum::<f64>() / m.len() as f64
 }
 
@@ -283,7 +283,7 @@ fn a_short_run_lowers_the_loss_and_moves_images_toward_the_concept() {
         let all: Vec<image::RgbImage> = base.iter().chain(&tuned).chain(&images[..6]).cloned().collect();
         write_png(&Path::new(&d).join("short-run.png"), &loragate::imageio::grid(&all, 6).unwrap(), &[]).unwrap();
     }
-    let scorer = loragate::score::ClipScorer::load(&loragate::model::resolve::resolve_scorer("tiny-clip").unwrap(), &Device::Cpu).unwrap();
+    let scorer = loragate::model::clip::ClipModel::load(&loragate::model::locate::resolve_scorer("tiny-clip").unwrap(), &Device::Cpu).unwrap();
     let train_emb = scorer.image_embeddings(&images).unwrap();
     let s_base = mean_similarity(&scorer, &base, &train_emb);
     let s_tuned = mean_similarity(&scorer, &tuned, &train_emb);

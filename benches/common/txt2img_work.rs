@@ -3,7 +3,7 @@
 //! tiny-sd, 128×128, 20 DDIM steps, guidance 5, the peer's four prompts, seeds 0..batch.
 
 use candle_core::{DType, Device};
-use loragate::model::resolve::resolve_model;
+use loragate::model::locate::resolve_model;
 use loragate::model::{GenerationParams, Pipeline};
 
 pub struct Txt2ImgWork {

@@ -6,7 +6,7 @@ use crate::device::{device_class, dtype_name, parse_device, parse_dtype};
 use crate::error::{Error, ExitCode, Result};
 use crate::imageio::{tensor_to_images, write_png};
 use crate::lora::{LoraFile, LoraStack};
-use crate::model::resolve::resolve_model;
+use crate::model::locate::resolve_model;
 use crate::model::scheduler::SamplerKind;
 use crate::model::{GenerationParams, Pipeline};
 use crate::progress::Progress;

@@ -114,7 +114,7 @@ impl ImageCache {
                 entries: r
                     .entries
                     .into_iter()
-                    .map(|(name, weight, ma, mt, ta, tt)| crate::lora::resolve::ApplyEntry {
+                    .map(|(name, weight, ma, mt, ta, tt)| crate::lora::apply::ApplyEntry {
                         name,
                         weight,
                         modules_applied: ma,

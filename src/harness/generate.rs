@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use crate::device::{DType, Device};
 use image::RgbImage;
 
 use super::cache::{CacheMeta, ImageCache, KeyParts};

@@ -16,14 +16,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use crate::device::{DType, Device};
 use image::RgbImage;
 
 use crate::baseline::{BaselineStore, ImageVerdict, UpdateMode};
 use crate::error::{Error, Result};
 use crate::names::SafeName;
 use crate::progress::Progress;
-use crate::score::ClipScorer;
+use crate::model::clip::ClipModel;
 use crate::score::clip::Scale;
 use crate::score::pixels::diff_heat_map;
 use crate::suite::expand::{CasePlan, expand};
@@ -235,7 +235,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
     timings.generate = generation.seconds;
 
     let t = Instant::now();
-    let scorer = ClipScorer::load(&suite.scorer.1, &opts.device)?;
+    let scorer = ClipModel::load(&suite.scorer.1, &opts.device)?;
     let scorer_id = format!("{} {}", suite.scorer.0, &scorer.fingerprint()?[..16]);
     let texts: Vec<String> = plan.cases.iter().flat_map(|c| c.variants.iter().map(|v| v.score_text.clone())).collect();
     let refs: Vec<PathBuf> = suite.cases.iter().flat_map(|c| c.references.clone()).collect();

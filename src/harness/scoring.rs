@@ -4,13 +4,12 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::Tensor;
 use image::RgbImage;
 
 use super::generate::JobOutcome;
 use crate::error::Result;
 use crate::imageio::read_image;
-use crate::score::ClipScorer;
+use crate::model::clip::ClipModel;
 
 pub struct Embeddings {
     /// Per job; `None` for jobs without an image.
@@ -34,14 +33,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum()
 }
 
-fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
-}
-
 /// Embeds everything the checks need. Images of different sizes are embedded in separate
 /// batches (the scorer resizes each to its own input size).
 pub fn embed_all(
-    scorer: &ClipScorer,
+    scorer: &ClipModel,
     outcomes: &[JobOutcome],
     texts: &[String],
     references: &[PathBuf],
@@ -60,7 +55,7 @@ pub fn embed_all(
     for (_, ids) in sizes {
         for chunk in ids.chunks(BATCH) {
             let batch: Vec<RgbImage> = chunk.iter().map(|&i| outcomes[i].image.clone().expect("filtered")).collect();
-            for (&i, e) in chunk.iter().zip(rows(&scorer.image_embeddings(&batch)?)?) {
+            for (&i, e) in chunk.iter().zip(scorer.image_embedding_rows(&batch)?) {
                 images[i] = Some(e);
             }
             progress.inc(chunk.len() as u64);
@@ -71,7 +66,7 @@ pub fn embed_all(
     unique.dedup();
     let mut text_map = HashMap::new();
     for chunk in unique.chunks(BATCH) {
-        for (t, e) in chunk.iter().zip(rows(&scorer.text_embeddings(chunk)?)?) {
+        for (t, e) in chunk.iter().zip(scorer.text_embedding_rows(chunk)?) {
             text_map.insert(t.to_string(), e);
         }
     }
@@ -81,7 +76,7 @@ pub fn embed_all(
             continue;
         }
         let img = read_image(r)?;
-        let e = rows(&scorer.image_embeddings(&[img])?)?.remove(0);
+        let e = scorer.image_embedding_rows(&[img])?.remove(0);
         ref_map.insert(r.clone(), e);
     }
     Ok(Embeddings { images, texts: text_map, references: ref_map, warnings: scorer.take_warnings() })

@@ -602,7 +602,7 @@ mod tests {
     use crate::baseline::scores::{Measurement, VariantInputs};
     use crate::harness::measure::SeedNumbers;
     use crate::lora::ApplyReport;
-    use crate::lora::resolve::ApplyEntry;
+    use crate::lora::apply::ApplyEntry;
 
     fn rules(t: &Thresholds, kind: Kind) -> Rules<'_> {
         Rules { case: "c", t, incompatible_base: IncompatiblePolicy::Fail, kind }

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::keys::Component;
-use super::resolve::probable_family;
+use super::apply::probable_family;
 use super::LoraFile;
 
 /// Metadata keys that say how a LoRA was made, shown first.

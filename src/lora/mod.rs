@@ -2,7 +2,7 @@
 //! loaded pipeline with one or several of them at chosen weights.
 //!
 //! ```no_run
-//! # use loragate::{lora::{LoraFile, LoraStack}, model::{Pipeline, resolve::resolve_model}};
+//! # use loragate::{lora::{LoraFile, LoraStack}, model::{Pipeline, locate::resolve_model}};
 //! # fn main() -> loragate::Result<()> {
 //! let pipe = Pipeline::load(&resolve_model("tiny")?, candle_core::DType::F32, &candle_core::Device::Cpu)?;
 //! let zorb = LoraFile::load("zorb.safetensors".as_ref())?;
@@ -14,7 +14,7 @@
 pub mod export;
 pub mod inspect;
 pub mod keys;
-pub mod resolve;
+pub mod apply;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::tensors::TensorFile;
 pub use keys::{Component, KeyStyle, ModuleName};
-pub use resolve::{ApplyReport, LoraStack};
+pub use apply::{ApplyReport, LoraStack};
 
 /// The on-disk format of a LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,30 +1,30 @@
-//! Everything that touches candle: loading Stable Diffusion components, running them, patching
-//! them with LoRAs, and the sampling loop.
+//! The model layer: everything that computes with tensors to load, run and patch Stable
+//! Diffusion and CLIP models. Four layers, each a folder, each using only the ones above it:
 //!
-//! - [`pipeline`]: a loaded model and the generation loop.
-//! - [`unet`], [`vae`], [`text_encoder`], [`tokenizer`], [`scheduler`]: the components.
-//! - [`adapters`]: the registry of layers that LoRAs patch.
-//! - [`params`], [`loading`], [`resolve`]: where weights and folders come from.
-//! - [`nn`], [`conv`]: differentiable layers shared by all components.
-//! - [`noise`]: the seeded RNG that makes a seed mean the same image everywhere.
+//! - [`ops`]: tensor operations and what layers are made of ([`nn`] layers with gradients, fused
+//!   inference [`kernels`], [`conv`]olution, weight access by key in [`params`], the [`adapters`]
+//!   registry of layers that LoRAs patch, the seeded [`noise`] that makes a seed mean the same
+//!   image everywhere);
+//! - [`arch`]: the architectures ([`unet`], [`vae`], [`text_encoder`], [`scheduler`]s, the CLIP
+//!   towers in [`arch::clip`]);
+//! - [`formats`]: where weights come from ([`locate`] a model from what a user wrote, diffusers
+//!   folders via [`loading`], A1111/ComfyUI [`single_file`]s and their [`ldm`] key names, the CLIP
+//!   [`tokenizer`] files);
+//! - [`runtime`]: running a model (the generation [`pipeline`], the [`clip`] model scorers embed
+//!   with).
+//!
+//! The modules are re-exported here by name (`crate::model::unet`), so a path says what a thing
+//! is, not which layer folder holds it.
 
-pub mod adapters;
-pub mod conv;
-pub mod ldm;
-pub mod fused;
-pub mod kernels;
-pub mod loading;
-pub mod nn;
-pub mod noise;
-pub mod params;
-pub mod pipeline;
-pub mod resolve;
-pub mod scheduler;
-pub mod single_file;
-pub mod text_encoder;
-pub mod tokenizer;
-pub mod unet;
-pub mod vae;
+pub mod arch;
+pub mod formats;
+pub mod ops;
+pub mod runtime;
+
+pub use arch::{scheduler, text_encoder, unet, vae};
+pub use formats::{ldm, loading, locate, single_file, tokenizer};
+pub use ops::{adapters, conv, fused, kernels, nn, noise, params, resize};
+pub use runtime::{clip, pipeline};
 
 use std::fmt;
 

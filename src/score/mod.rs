@@ -1,8 +1,7 @@
-//! Scoring images: CLIP text–image and image–image similarity, and pixel/structure comparison
-//! against stored baselines.
+//! Scoring images without a model: CLIP score scales and pixel/structure
+//! comparison against stored baselines. The CLIP model itself is [`crate::model::clip`].
 
 pub mod clip;
-pub mod resize;
 
-pub use clip::{ClipScorer, Scale};
+pub use clip::Scale;
 pub mod pixels;

@@ -265,7 +265,7 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::resolve::ModelLocation;
+    use crate::model::locate::ModelLocation;
     use std::path::PathBuf;
 
     fn single_file(name: &str) -> ModelRef {

@@ -50,7 +50,7 @@ pub struct ModelRef {
     pub name: String,
     /// The name in file names (`tiny`, `sd15-1a2b3c4d`, `org--name`).
     pub label: SafeName,
-    pub location: crate::model::resolve::ModelLocation,
+    pub location: crate::model::locate::ModelLocation,
 }
 
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use crate::error::{Error, ExitCode, Result};
 use crate::names::SafeName;
 use crate::lora::LoraFile;
 use crate::model::noise::Rng;
-use crate::model::resolve::{resolve_model, resolve_scorer};
+use crate::model::locate::{resolve_model, resolve_scorer};
 use crate::model::scheduler::SamplerKind;
 
 /// Builds located errors for one suite file.
@@ -136,7 +136,7 @@ fn check_name(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<SafeName> {
 
 fn resolve_model_ref(ctx: &Ctx, s: &Spanned<String>) -> Result<ModelRef> {
     let written = &s.value;
-    let arg = if crate::model::resolve::BUILTIN_MODELS.iter().any(|(n, _)| n == written) || written == "tiny-sd" {
+    let arg = if crate::model::locate::BUILTIN_MODELS.iter().any(|(n, _)| n == written) || written == "tiny-sd" {
         written.clone()
     } else {
         ctx.path(written).to_string_lossy().into_owned()
@@ -336,9 +336,9 @@ fn permutations(ctx: &Ctx, case: &RawCase, spec: &Spanned<raw::RawWordOrder>) ->
 
 fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
     let name = suite_name(ctx, &raw)?;
-    let scorer_arg = raw.scorer.as_ref().map(|s| s.value.clone()).unwrap_or_else(|| crate::model::resolve::BUILTIN_SCORER.into());
+    let scorer_arg = raw.scorer.as_ref().map(|s| s.value.clone()).unwrap_or_else(|| crate::model::locate::BUILTIN_SCORER.into());
     let scorer_path = {
-        let arg = if scorer_arg == crate::model::resolve::BUILTIN_SCORER { scorer_arg.clone() } else { ctx.path(&scorer_arg).to_string_lossy().into_owned() };
+        let arg = if scorer_arg == crate::model::locate::BUILTIN_SCORER { scorer_arg.clone() } else { ctx.path(&scorer_arg).to_string_lossy().into_owned() };
         resolve_scorer(&arg).map_err(|e| match &raw.scorer {
             Some(s) => ctx.err(s, e.to_string(), Some("use `tiny-clip` or a CLIPModel folder relative to the suite".into())),
             None => ctx.err_at(1, 1, e.to_string(), None),

@@ -423,7 +423,7 @@ fn resolve(file: Option<&Path>, raw: RawTrainConfig, o: &Overrides) -> Result<Tr
 
     let model = pick(o.model.clone(), "--model", raw.model)
         .map(|(m, origin)| {
-            let builtin = crate::model::resolve::BUILTIN_MODELS.iter().any(|(n, _)| *n == m) || m == "tiny-sd";
+            let builtin = crate::model::locate::BUILTIN_MODELS.iter().any(|(n, _)| *n == m) || m == "tiny-sd";
             match origin {
                 Origin::File(..) if !builtin => ctx.dir().join(&m).to_string_lossy().into_owned(),
                 _ => m,

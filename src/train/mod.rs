@@ -48,7 +48,7 @@ pub use validate::CheckpointVerdict;
 
 use crate::error::{Error, IoContext, Result};
 use crate::model::Pipeline;
-use crate::model::resolve::{ModelLocation, resolve_model};
+use crate::model::locate::{ModelLocation, resolve_model};
 use crate::progress::Progress;
 
 /// How to run training.

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use crate::device::{DType, Device};
 
 use super::config::ValidationConfig;
 use crate::error::{Error, Result};

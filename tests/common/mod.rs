@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use loragate::model::Pipeline;
-use loragate::model::resolve::resolve_model;
+use loragate::model::locate::resolve_model;
 use loragate::tensors::TensorFile;
 
 pub fn repo() -> PathBuf {

@@ -81,3 +81,16 @@ pub fn fingerprint(files: &[PathBuf]) -> Result<String> {
     }
     Ok(crate::fsutil::content_hash(acc.as_bytes()))
 }
+
+/// Adds the `text_model.` prefix that newer transformers versions drop, and drops buffers.
+pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
+    let keys: Vec<String> = tensors.keys().cloned().collect();
+    for k in keys {
+        if k.ends_with("position_ids") {
+            tensors.remove(&k);
+        } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| k.starts_with(p))
+            && let Some(t) = tensors.remove(&k) {
+                tensors.insert(format!("text_model.{k}"), t);
+            }
+    }
+}

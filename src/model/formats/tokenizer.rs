@@ -284,7 +284,7 @@ mod tests {
     use super::*;
 
     fn clip() -> Tokenizer {
-        Tokenizer::from_clip_bpe_gz(&crate::model::resolve::clip_vocab_path().unwrap()).unwrap()
+        Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path().unwrap()).unwrap()
     }
 
     #[test]

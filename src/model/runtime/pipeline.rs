@@ -2,7 +2,6 @@
 //! and the generation loop (classifier-free guidance, any sampler, batches of prompts).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +12,7 @@ use crate::model::adapters::AdapterTargets;
 use crate::model::loading::{fingerprint, load_component_tensors, read_config, weight_files};
 use crate::model::noise::initial_latents;
 use crate::model::params::{Params, WeightStore};
-use crate::model::resolve::ModelLocation;
+use crate::model::locate::ModelLocation;
 use crate::model::scheduler::{NoiseSchedule, SamplerKind, ScheduleConfig};
 use crate::model::text_encoder::{LayerChoice, TextEncoder};
 use crate::model::tokenizer::Tokenizer;
@@ -166,18 +165,7 @@ fn build<T>(
     Ok((value, targets.into_inner()))
 }
 
-/// Adds the `text_model.` prefix that newer transformers versions drop, and drops buffers.
-pub fn normalize_text_encoder_keys(tensors: &mut HashMap<String, Tensor>) {
-    let keys: Vec<String> = tensors.keys().cloned().collect();
-    for k in keys {
-        if k.ends_with("position_ids") {
-            tensors.remove(&k);
-        } else if ["embeddings.", "encoder.", "final_layer_norm."].iter().any(|p| k.starts_with(p))
-            && let Some(t) = tensors.remove(&k) {
-                tensors.insert(format!("text_model.{k}"), t);
-            }
-    }
-}
+use crate::model::loading::normalize_text_encoder_keys;
 
 impl Pipeline {
     /// Loads a pipeline: a diffusers folder or a single-file checkpoint (see [`ModelLocation`]).

@@ -291,7 +291,7 @@ pub fn convert(path: &Path, dtype: DType, device: &Device) -> Result<Converted> 
     let mut all = file.tensors;
     let embedded: Option<EmbeddedConfigs> = meta.get("loragate.configs").map(|v| serde_json::from_str(v)).transpose().map_err(|e| Error::model(path, format!("bad loragate.configs header: {e}")))?;
 
-    let clip_tokenizer = || Tokenizer::from_clip_bpe_gz(&crate::model::resolve::clip_vocab_path()?);
+    let clip_tokenizer = || Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path()?);
     let (mut unet_config, vae_config, text_config, schedule, tokenizer, force_zeros) = match (&embedded, family) {
         (Some(e), _) => {
             let tok_path = std::env::temp_dir().join(format!("loragate-tokenizer-{}.json", std::process::id()));
@@ -352,7 +352,7 @@ pub fn convert(path: &Path, dtype: DType, device: &Device) -> Result<Converted> 
         _ => (strip(&mut all, TE_SD1), None),
     };
     let mut text_encoder = text_encoder;
-    crate::model::pipeline::normalize_text_encoder_keys(&mut text_encoder);
+    crate::model::loading::normalize_text_encoder_keys(&mut text_encoder);
     Ok(Converted {
         family,
         unet_config,
@@ -393,7 +393,7 @@ pub fn write_from_folder(folder: &Path, out: &Path) -> Result<()> {
         tensors.insert(format!("{VAE}{l}"), t);
     }
     let mut te = load_component_tensors(&folder.join("text_encoder"), DType::F32, &cpu)?;
-    crate::model::pipeline::normalize_text_encoder_keys(&mut te);
+    crate::model::loading::normalize_text_encoder_keys(&mut te);
     for (k, t) in te {
         tensors.insert(format!("{TE_SD1}{k}"), t);
     }

@@ -1,0 +1,10 @@
+//! Where weights and configs come from: [`locate`] turns what a user wrote into files (built-in
+//! names, folders, single files, hub-cache ids), [`loading`] reads diffusers folders,
+//! [`single_file`] converts A1111/ComfyUI checkpoints with the [`ldm`] key names, and
+//! [`tokenizer`] reads CLIP's BPE vocabularies.
+
+pub mod ldm;
+pub mod loading;
+pub mod locate;
+pub mod single_file;
+pub mod tokenizer;
