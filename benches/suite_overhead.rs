@@ -31,6 +31,7 @@ fn main() {
         no_checks: loragate::harness::NoChecks::Fail,
         device: Device::Cpu,
         dtype: DType::F32,
+        vae_dtype: None,
         cache_dir: Some(dir.join("cache")),
         baselines_dir: dir.join("baselines"),
         partition: None,

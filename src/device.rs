@@ -63,3 +63,17 @@ pub fn device_class(d: &Device) -> &'static str {
         "cpu"
     }
 }
+
+/// The compute label of a run: `f16`, or `f16+vae-f32` when the VAE decodes in f32. It goes
+/// into cache keys and generation records (the VAE's dtype changes pixels).
+pub fn compute_name(dtype: DType, vae_dtype: Option<DType>) -> String {
+    match vae_dtype {
+        Some(v) if v != dtype => format!("{}+vae-{}", dtype_name(dtype), dtype_name(v)),
+        _ => dtype_name(dtype).to_string(),
+    }
+}
+
+/// Parses `--vae-dtype`: `f32` (or the compute dtype itself, which changes nothing).
+pub fn parse_vae_dtype(spec: &str, device: &Device) -> Result<DType> {
+    parse_dtype(spec, device)
+}

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::device::{device_class, dtype_name, parse_device, parse_dtype};
+use crate::device::{device_class, parse_device, parse_dtype};
 use crate::error::{Error, ExitCode, Result};
 use crate::imageio::{tensor_to_images, write_png};
 use crate::lora::{LoraFile, LoraStack};
@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// f32, or f16/bf16 on a GPU.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Decode in f32 under f16/bf16 (the SD VAE overflows in f16; without this, an image whose
+    /// decode overflows is decoded again in f32, and the run says so).
+    #[arg(long, value_name = "DTYPE")]
+    vae_dtype: Option<String>,
     /// Output PNG. With --batch N > 1, images are written as NAME-0.png, NAME-1.png, ...
     #[arg(short, long, default_value = "out.png")]
     output: PathBuf,
@@ -62,7 +66,11 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
     let location = resolve_model(&a.model)?;
-    let pipe = Pipeline::load(&location, dtype, &device)?;
+    let mut pipe = Pipeline::load(&location, dtype, &device)?;
+    let vae_dtype = a.vae_dtype.as_deref().map(|v| crate::device::parse_vae_dtype(v, &device)).transpose()?;
+    if let Some(v) = vae_dtype {
+        pipe.set_vae_dtype(v)?;
+    }
     let (width, height) = a.size.unwrap_or_else(|| default_size(&pipe));
     pipe.check_size(width, height)?;
 
@@ -91,6 +99,9 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     for w in pipe.take_warnings() {
         eprintln!("warning: prompt {:?}: {}", w.prompt, w.message);
     }
+    for n in pipe.take_notes() {
+        eprintln!("note: {n}");
+    }
 
     let model_hash = pipe.fingerprint()?;
     let loras: Vec<LoraUse> =
@@ -110,7 +121,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
             model_hash: model_hash.clone(),
             loras: loras.clone(),
             device: device_class(&device).into(),
-            dtype: dtype_name(dtype).into(),
+            dtype: crate::device::compute_name(dtype, vae_dtype),
             loragate: VERSION.into(),
             generator: crate::harness::cache::GENERATOR_VERSION.into(),
         };

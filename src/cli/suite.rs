@@ -50,6 +50,10 @@ pub struct SuiteArgs {
     /// f32, or f16/bf16 on a GPU.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Decode in f32 while the rest computes in f16/bf16 (the SD VAE overflows in f16; without
+    /// this, an image whose decode overflows is decoded again in f32, and the run says so).
+    #[arg(long, value_name = "DTYPE")]
+    vae_dtype: Option<String>,
     /// Images per UNet batch (guidance doubles it).
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
@@ -116,6 +120,7 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
     }
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
+    let vae_dtype = a.vae_dtype.as_deref().map(|v| crate::device::parse_vae_dtype(v, &device)).transpose()?.filter(|v| *v != dtype);
     let root = project_root(&path);
     let mut update = if a.ci { UpdateMode::Never } else { a.update_baselines.unwrap_or_else(UpdateMode::default_for_environment) };
     if !a.loras.is_empty() {
@@ -130,6 +135,7 @@ pub fn run(a: SuiteArgs) -> Result<ExitCode> {
         no_checks: a.no_checks,
         device,
         dtype,
+        vae_dtype,
         cache_dir: if a.no_cache { None } else { Some(a.cache_dir.clone().unwrap_or_else(|| crate::harness::cache::default_cache_dir(&path))) },
         baselines_dir: a.baselines.clone().unwrap_or_else(|| root.join("baselines")),
         partition: a.partition,

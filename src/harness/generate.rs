@@ -8,7 +8,7 @@ use crate::device::{DType, Device};
 use image::RgbImage;
 
 use super::cache::{CacheMeta, ImageCache, KeyParts};
-use crate::device::{device_class, dtype_name};
+use crate::device::device_class;
 use crate::error::{Error, Result};
 use crate::imageio::tensor_to_images;
 use crate::lora::{ApplyReport, LoraStack};
@@ -40,6 +40,8 @@ pub struct Generation {
     pub generated: usize,
     pub cached: usize,
     pub seconds: f64,
+    /// What the models said while generating (a VAE upcast to f32).
+    pub notes: Vec<String>,
 }
 
 /// Identifies a (model, LoRA files) pair; weights do not change whether a LoRA applies.
@@ -51,10 +53,12 @@ pub fn stack_key(suite: &Suite, model_fp: &str, job: &Job) -> String {
 pub struct GenerateOptions<'a> {
     pub device: &'a Device,
     pub dtype: DType,
+    /// The VAE's dtype when it differs from `dtype` (`--vae-dtype f32`).
+    pub vae_dtype: Option<DType>,
     pub max_batch: usize,
 }
 
-fn record_for(suite: &Suite, job: &Job, model_fp: &str, device: &Device, dtype: DType) -> GenerationRecord {
+fn record_for(suite: &Suite, job: &Job, model_fp: &str, device: &Device, compute: &str) -> GenerationRecord {
     let p = &job.params;
     GenerationRecord {
         prompt: job.prompt.clone(),
@@ -77,7 +81,7 @@ fn record_for(suite: &Suite, job: &Job, model_fp: &str, device: &Device, dtype: 
             })
             .collect(),
         device: device_class(device).into(),
-        dtype: dtype_name(dtype).into(),
+        dtype: compute.into(),
         loragate: VERSION.into(),
         generator: super::cache::GENERATOR_VERSION.into(),
     }
@@ -87,6 +91,7 @@ fn record_for(suite: &Suite, job: &Job, model_fp: &str, device: &Device, dtype: 
 pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &GenerateOptions, progress: &Progress) -> Result<Generation> {
     let start = Instant::now();
     let (device, dtype) = (opts.device, opts.dtype);
+    let compute = crate::device::compute_name(dtype, opts.vae_dtype);
     let mut fingerprints: HashMap<ModelRef, String> = HashMap::new();
     for job in &plan.jobs {
         if !fingerprints.contains_key(&job.model) {
@@ -108,7 +113,7 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
             sampler: job.params.sampler.name(),
             clip_skip: job.params.clip_skip,
             device: device_class(device),
-            dtype: dtype_name(dtype),
+            dtype: &compute,
         }
         .key()
     };
@@ -143,10 +148,13 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
     progress.set(0);
     progress.message(format!("{to_generate} to generate, {cached} cached"));
     let mut generated = 0;
+    let mut notes = Vec::new();
     for (model, job_ids) in by_model {
         progress.message(format!("loading {}", model.name));
-        let pipe = Pipeline::load(&model.location, dtype, device)?;
-        let mut pipe = pipe;
+        let mut pipe = Pipeline::load(&model.location, dtype, device)?;
+        if let Some(v) = opts.vae_dtype {
+            pipe.set_vae_dtype(v)?;
+        }
         pipe.max_batch = opts.max_batch.max(1);
         let fp = fingerprints[&model].clone();
         // Group by stack (LoRA files and weights, in order).
@@ -203,7 +211,7 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
                     for ((&i, img), had_nan) in chunk.iter().zip(tensor_to_images(&images)?).zip(nan) {
                         let job = &plan.jobs[i];
                         let key = key_of(job);
-                        let record = record_for(suite, job, &fp, device, dtype);
+                        let record = record_for(suite, job, &fp, device, &compute);
                         cache.put(&key, &img, &CacheMeta { had_nan, record: record.clone() })?;
                         outcomes[i] = Some(JobOutcome { key, image: Some(img), had_nan, cached: false, record: Some(record) });
                         generated += 1;
@@ -215,13 +223,17 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
         for w in pipe.take_warnings() {
             progress.println(format!("warning: prompt {:?}: {}", w.prompt, w.message));
         }
+        for n in pipe.take_notes() {
+            progress.println(format!("note: {}: {n}", model.name));
+            notes.push(format!("{}: {n}", model.name));
+        }
     }
     let outcomes = outcomes
         .into_iter()
         .enumerate()
         .map(|(i, o)| o.ok_or_else(|| Error::internal(format!("job {i} was neither cached nor generated"))))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Generation { outcomes, reports, generated, cached, seconds: start.elapsed().as_secs_f64() })
+    Ok(Generation { outcomes, reports, generated, cached, seconds: start.elapsed().as_secs_f64(), notes })
 }
 
 fn truncate(s: &str, n: usize) -> String {

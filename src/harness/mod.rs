@@ -168,6 +168,8 @@ pub struct RunOptions {
     pub update: UpdateMode,
     pub device: Device,
     pub dtype: DType,
+    /// The VAE's dtype when it should differ from `dtype` (`--vae-dtype f32`).
+    pub vae_dtype: Option<DType>,
     /// `None` disables the image cache.
     pub cache_dir: Option<PathBuf>,
     pub baselines_dir: PathBuf,
@@ -229,8 +231,9 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         crate::fsutil::use_hash_memo(dir.join("file-hashes.json"));
     }
     let progress = if opts.progress { Progress::steps("generating", plan.jobs.len() as u64) } else { Progress::hidden() };
-    let gen_opts = generate::GenerateOptions { device: &opts.device, dtype: opts.dtype, max_batch: opts.max_batch };
+    let gen_opts = generate::GenerateOptions { device: &opts.device, dtype: opts.dtype, vae_dtype: opts.vae_dtype, max_batch: opts.max_batch };
     let generation = generate::generate_all(&suite, &plan, &cache, &gen_opts, &progress)?;
+    notes.extend(generation.notes.iter().cloned());
     progress.finish();
     timings.generate = generation.seconds;
 

@@ -85,6 +85,7 @@ impl Validator {
             no_checks: crate::harness::NoChecks::Fail,
             device: device.clone(),
             dtype,
+            vae_dtype: None,
             // Control images (no LoRA) repeat across checkpoints: cache them.
             cache_dir: Some(dir.join(".cache")),
             baselines_dir: root.join("baselines"),

@@ -320,6 +320,12 @@ impl Vae {
     /// Latents (already multiplied by the scaling factor, as the UNet sees them) to images in
     /// `[0, 1]`, `[B, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        Ok(self.decode_unclamped(latents)?.clamp(0f32, 1f32)?)
+    }
+
+    /// [`Vae::decode`] before the clamp to `[0, 1]`, which would hide an overflow: an infinite
+    /// value clamps to 1, and a NaN through min/max to a plausible number.
+    pub fn decode_unclamped(&self, latents: &Tensor) -> Result<Tensor> {
         crate::model::nn::on_worker(|| self.decode_on_worker(latents))
     }
 
@@ -332,7 +338,7 @@ impl Vae {
             z = pq.forward(&z)?;
         }
         let x = self.decoder.forward(&z)?;
-        Ok(((x + 1.0)? / 2.0)?.clamp(0f32, 1f32)?)
+        Ok(((x + 1.0)? / 2.0)?)
     }
 
     /// Images in `[0, 1]` to the mean of the latent distribution, scaled for the UNet.

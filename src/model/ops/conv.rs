@@ -26,6 +26,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         // Records the op for backprop only when `x` needs a gradient.
         return Ok(x.apply_op1(op)?);
     }
+    if let Some(dtype) = crate::model::ops::emulated_on_cpu(x) {
+        // No bf16 convolution on candle's CPU backend: bf16 operands, f32 accumulation.
+        return Ok(x.to_dtype(DType::F32)?.conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?.to_dtype(dtype)?);
+    }
     Ok(x.conv2d(w, padding, stride, 1, 1)?)
 }
 
@@ -151,7 +155,7 @@ impl FrozenConv {
     /// `None` unless the fast CPU path applies: f32 on the CPU with a kernel that needs no
     /// gradient.
     fn new(x: &Tensor, x_channels: usize, w: &Tensor, w_pm: Option<&Tensor>, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Option<Self>> {
-        if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && !w.track_op()) {
+        if !(crate::model::nn::fused_cpu(x) && w.dtype() == DType::F32 && !w.track_op()) {
             return Ok(None);
         }
         let (o, c, kh, kw) = w.dims4()?;

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use candle_core::DType;
 use candle_core::{D, Module, Tensor, TensorId};
 
 use crate::error::Result;
@@ -18,6 +19,11 @@ use crate::model::params::{Init, Params};
 /// `a @ b` with `a` made contiguous first (see the module docs).
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let a = if a.is_contiguous() { a.clone() } else { a.contiguous()? };
+    if let Some(dtype) = crate::model::ops::emulated_on_cpu(&a) {
+        // candle's CPU backend has no bf16 matmul: bf16 operands, f32 accumulation, a bf16
+        // result, as GPU tensor cores do.
+        return Ok(a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?.to_dtype(dtype)?);
+    }
     Ok(a.matmul(b)?)
 }
 
@@ -235,7 +241,7 @@ impl GroupNorm {
     }
 
     fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if !x.track_op() && x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        if !x.track_op() && fused_cpu(x) {
             let op = crate::model::fused::GroupNormCpu {
                 weight: self.weight.clone(),
                 bias: self.bias.clone(),
@@ -248,11 +254,16 @@ impl GroupNorm {
         }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let xg = x.reshape((b, self.groups, ()))?;
+        // Statistics over thousands of values lose everything in half precision (an f16 sum
+        // stops growing past 2048 by small steps): compute them in f32, as GPU kernels do.
+        let half = x.dtype() != DType::F32 && x.dtype() != DType::F64;
+        let xs = if half { x.to_dtype(DType::F32)? } else { x.clone() };
+        let xg = xs.reshape((b, self.groups, ()))?;
         let mean = xg.mean_keepdim(D::Minus1)?;
         let centered = xg.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let normed = if half { normed.to_dtype(x.dtype())? } else { normed };
         let mut shape = vec![1usize; dims.len()];
         shape[1] = c;
         let y = normed.broadcast_mul(&self.weight.reshape(shape.as_slice())?)?.broadcast_add(&self.bias.reshape(shape.as_slice())?)?;
@@ -303,6 +314,12 @@ pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
         return Ok(x.apply_op1_no_bwd(&crate::model::fused::SoftmaxCpu { scale: scale as f32 })?);
     }
     let x = if scale == 1.0 { x.clone() } else { (x * scale)? };
+    if !x.track_op() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
+        // Half precision: exponentials and their sum in f32 (diffusers' upcast softmax).
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        return Ok(candle_nn::ops::softmax_last_dim(&x)?.to_dtype(dtype)?);
+    }
     if !x.track_op() {
         let x = if x.is_contiguous() { x } else { x.contiguous()? };
         return Ok(candle_nn::ops::softmax_last_dim(&x)?);
@@ -310,9 +327,10 @@ pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(&x, D::Minus1)?)
 }
 
-/// Whether `x` can go to the fused CPU kernels of [`crate::model::fused`] (f32 on the CPU).
+/// Whether `x` can go to the fused CPU kernels of [`crate::model::fused`]: f32 on the CPU, unless
+/// the generic path is forced ([`crate::model::ops::generic_ops`]).
 pub fn fused_cpu(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && !crate::model::ops::generic_ops()
 }
 
 /// GEGLU over the last dimension: the first half times the exact GELU of the second half.

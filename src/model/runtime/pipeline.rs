@@ -74,6 +74,13 @@ pub struct Pipeline {
     second: Option<SecondEncoder>,
     pub unet: UNet,
     pub vae: Vae,
+    /// The dtype the VAE computes in: the pipeline's, or f32 (`--vae-dtype f32`).
+    pub vae_dtype: DType,
+    /// An f32 copy of the VAE, made the first time a half-precision decode overflows, for the
+    /// images that overflow.
+    vae_f32: std::cell::OnceCell<Vae>,
+    /// Things the run should say (a VAE that was upcast).
+    notes: RefCell<Vec<String>>,
     pub schedule: NoiseSchedule,
     targets: AdapterTargets,
     pub device: Device,
@@ -237,6 +244,9 @@ impl Pipeline {
             second,
             unet,
             vae,
+            vae_dtype: dtype,
+            vae_f32: std::cell::OnceCell::new(),
+            notes: RefCell::new(Vec::new()),
             schedule,
             targets,
             device: device.clone(),
@@ -388,7 +398,7 @@ impl Pipeline {
             let latents = self.denoise(chunk_p, &noise, params, &mut step_progress)?;
             let per_item = latents.to_dtype(DType::F32)?.flatten_from(1)?.to_vec2::<f32>()?;
             nan.extend(per_item.iter().map(|row| row.iter().any(|v| !v.is_finite())));
-            out.push(self.vae.decode(&latents)?);
+            out.push(self.decode(&latents)?);
             done += params.steps;
         }
         Ok((Tensor::cat(&out, 0)?, nan))
@@ -403,7 +413,76 @@ impl Pipeline {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let latents = self.denoise(prompts, noise, params, progress)?;
-        self.vae.decode(&latents)
+        self.decode(&latents)
+    }
+
+    /// Latents → images in `[0, 1]`, in the VAE's dtype. An image whose half-precision decode
+    /// overflows (the SD VAE does in f16) is decoded again in f32, on its own so that its
+    /// batchmates keep their pixels, as diffusers' `force_upcast`; the run says so
+    /// ([`Pipeline::take_notes`]).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let images = self.vae.decode_unclamped(&latents.to_dtype(self.vae_dtype)?)?;
+        if self.vae_dtype == DType::F32 || all_finite(&images)? {
+            return Ok(images.clamp(0f32, 1f32)?.to_dtype(self.dtype)?);
+        }
+        let vae = match self.vae_f32.get() {
+            Some(v) => v,
+            None => {
+                let v = self.load_vae(DType::F32)?;
+                self.vae_f32.get_or_init(|| v)
+            }
+        };
+        let mut rows = Vec::with_capacity(latents.dim(0)?);
+        let mut upcast = 0;
+        for i in 0..latents.dim(0)? {
+            let row = images.narrow(0, i, 1)?;
+            if all_finite(&row)? {
+                rows.push(row.clamp(0f32, 1f32)?.to_dtype(self.dtype)?);
+            } else {
+                upcast += 1;
+                rows.push(vae.decode(&latents.narrow(0, i, 1)?.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?);
+            }
+        }
+        self.notes.borrow_mut().push(format!(
+            "the VAE overflowed in {} (NaN or Inf) on {upcast} of {} images: they were decoded in f32, as diffusers' force_upcast does; `--vae-dtype f32` decodes every image in f32",
+            crate::device::dtype_name(self.vae_dtype),
+            latents.dim(0)?
+        ));
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+
+    /// Makes the VAE compute in `dtype` (f32 under a half-precision pipeline: `--vae-dtype`).
+    pub fn set_vae_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype != self.vae_dtype {
+            self.vae = self.load_vae(dtype)?;
+            self.vae_dtype = dtype;
+        }
+        Ok(())
+    }
+
+    /// The VAE again, from the model's files, in `dtype`.
+    fn load_vae(&self, dtype: DType) -> Result<Vae> {
+        let (config, tensors, origin) = match &self.location.single_file {
+            Some(file) => {
+                let parts = crate::model::single_file::convert(file, dtype, &self.device)?;
+                (parts.vae_config, parts.vae, file.clone())
+            }
+            None => {
+                let dir = self.location.folder.join("vae");
+                let config: VaeConfig = read_config(&dir.join("config.json"))?;
+                (config, load_component_tensors(&dir, dtype, &self.device)?, dir)
+            }
+        };
+        let mut tensors = tensors;
+        normalize_vae_keys(&mut tensors);
+        let store = WeightStore::from_tensors(&origin, tensors, dtype, &self.device);
+        let (vae, _) = build(&store, |p| Vae::load(p, &config)).map_err(|e| at_component(e, &origin))?;
+        Ok(vae)
+    }
+
+    /// What the run should tell the user since the last call (an upcast VAE).
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut self.notes.borrow_mut())
     }
 
     /// Text → clean latents.
@@ -461,6 +540,12 @@ impl Pipeline {
         }
         Ok(x)
     }
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    // Inf − Inf and NaN · 0 are NaN: one sum tells whether any value is not finite.
+    let s = (t.to_dtype(DType::F32)? * 0.0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(s.is_finite())
 }
 
 /// Reads the components of a diffusers folder.
