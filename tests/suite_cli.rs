@@ -435,6 +435,20 @@ fn partitions_cover_the_suite_and_their_junit_files_merge() {
     for case in ["part.center", "part.left", "part.night"] {
         assert!(xml.contains(&format!("classname=\"{case}\"")), "{case} missing from merged JUnit");
     }
+    // The partitions' reports merge into one report with every case and its images.
+    let dirs: Vec<String> = (1..=2).map(|n| p.dir.join(format!("out/part/partition-{n}-of-2")).display().to_string()).collect();
+    let merged_dir = p.dir.join("merged-report");
+    let o = p.run(&["merge-report", &dirs[0], &dirs[1], "-o", merged_dir.to_str().unwrap()]);
+    assert!(code(&o) <= 1, "{}", text(&o));
+    let html = std::fs::read_to_string(merged_dir.join("report.html")).unwrap();
+    let junit = std::fs::read_to_string(merged_dir.join("junit.xml")).unwrap();
+    assert_eq!(validate(&junit), Vec::<String>::new());
+    for case in ["center", "left", "night"] {
+        assert!(html.contains(&format!("id=\"case-{case}\"")), "{case} missing from the merged report");
+        assert!(junit.contains(&format!("classname=\"part.{case}\"")), "{case} missing from the merged JUnit");
+        assert!(merged_dir.join("images").join(case).join("main-s0.png").is_file(), "{case}: image missing");
+    }
+    assert!(html.matches("data:image/png;base64,").count() >= 3, "the merged report is self-contained");
     // Each case ran in exactly one partition.
     let p1 = std::fs::read_to_string(&files[0]).unwrap();
     let p2 = std::fs::read_to_string(&files[1]).unwrap();

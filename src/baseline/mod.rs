@@ -33,7 +33,7 @@ use crate::score::pixels::similarity;
 use scores::ScoreBaseline;
 
 /// When a run may write under `baselines/`, as insta's `INSTA_UPDATE`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UpdateMode {
     /// Write nothing (the default when `CI` is set).
     Never,

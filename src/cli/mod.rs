@@ -1,6 +1,7 @@
 //! Command-line interface: clap definitions, one file per subcommand.
 
 mod baseline;
+mod bench;
 mod generate;
 mod inspect;
 mod junit;
@@ -36,10 +37,14 @@ enum Command {
     Schema(schema::SchemaArgs),
     /// Merge JUnit files of partitioned runs into one.
     MergeJunit(junit::MergeJunitArgs),
+    /// Merge the reports (HTML, JUnit, summary) of a suite's partitions into one.
+    MergeReport(junit::MergeReportArgs),
     /// The shapes world: write training sets, render the ground truth for a prompt.
     World(world::WorldArgs),
     /// Train a LoRA; checkpoints are validated by a suite.
     Train(train::TrainArgs),
+    /// Measure: parity on a device, txt2img and UNet speed (one JSON object).
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -59,8 +64,10 @@ pub fn run() -> Result<ExitCode> {
         Command::Baseline(a) => baseline::run(a),
         Command::Schema(a) => schema::run(a),
         Command::MergeJunit(a) => junit::run(a),
+        Command::MergeReport(a) => junit::merge_report(a),
         Command::World(a) => world::run(a),
         Command::Train(a) => train::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 

@@ -62,7 +62,7 @@ pub struct AppliedNumbers {
 }
 
 /// Stacking interference: what each LoRA keeps of its own effect when stacked with another.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StackNumbers {
     pub names: Vec<String>,
     /// `[i][k]`: the share of LoRA i's own pixel change (against the control) that survives

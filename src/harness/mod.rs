@@ -30,7 +30,7 @@ use crate::suite::expand::{CasePlan, expand};
 use crate::suite::{ChangedImagesPolicy, Suite};
 
 /// A check's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Status {
     Passed,
     /// Not a failure: something changed on purpose (a new LoRA file, a new case) and a person
@@ -70,7 +70,7 @@ pub fn apply_known_failures(results: &mut [CheckResult], known: &[crate::suite::
 }
 
 /// One check's verdict (one JUnit test case).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CheckResult {
     pub case: String,
     /// `clip`, `clip@192x192`, `control`, `effect`, `word-order`, `baseline`, ...
@@ -87,15 +87,20 @@ impl CheckResult {
     }
 }
 
-/// An image with everything a reviewer wants next to it.
-#[derive(Debug, Clone)]
+/// An image with everything a reviewer wants next to it. The images themselves are written
+/// beside `outcome.json` (`images/<case>/<id>[.control|.baseline|.diff].png`), not into it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Evidence {
     pub case: String,
     pub id: String,
     pub caption: String,
+    #[serde(skip)]
     pub current: RgbImage,
+    #[serde(skip)]
     pub control: Option<RgbImage>,
+    #[serde(skip)]
     pub baseline: Option<RgbImage>,
+    #[serde(skip)]
     pub diff: Option<RgbImage>,
     pub baseline_score: Option<f64>,
     pub clip: Option<f64>,
@@ -105,7 +110,7 @@ pub struct Evidence {
 }
 
 /// Where time went, for the overhead benchmark and the console summary.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Timings {
     pub plan: f64,
     pub generate: f64,
@@ -114,7 +119,9 @@ pub struct Timings {
     pub baselines: f64,
 }
 
-#[derive(Debug, Clone)]
+/// Everything a run found. Reports are rendered from it; `outcome.json` stores it (without
+/// pixels) so that partitions' reports can be merged (`loragate merge-report`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SuiteOutcome {
     pub suite: String,
     pub file: PathBuf,

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::fsutil::write_text_atomic;
-use crate::harness::SuiteOutcome;
-use crate::imageio::write_png;
+use crate::error::Error;
+use crate::harness::{Evidence, SuiteOutcome};
+use crate::imageio::{read_image, write_png};
 
 /// Where the files of one run went.
 #[derive(Debug, Clone)]
@@ -20,6 +21,13 @@ pub struct ReportPaths {
     pub html: PathBuf,
     pub markdown: PathBuf,
     pub images: PathBuf,
+    /// The outcome without pixels, for `loragate merge-report`.
+    pub outcome: PathBuf,
+}
+
+/// `images/<case>/<id><suffix>.png`: where an evidence image is written and read back.
+fn image_path(images: &Path, e: &Evidence, suffix: &str) -> PathBuf {
+    images.join(&e.case).join(format!("{}{suffix}.png", e.id))
 }
 
 /// Writes every report (atomically) and the images of the run into `dir`.
@@ -29,19 +37,19 @@ pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
         html: dir.join("report.html"),
         markdown: dir.join("summary.md"),
         images: dir.join("images"),
+        outcome: dir.join("outcome.json"),
     };
     write_text_atomic(&paths.junit, &junit::to_junit(o)?)?;
+    write_text_atomic(&paths.outcome, &serde_json::to_string(o).expect("serialisable"))?;
     write_text_atomic(&paths.html, &html::to_html(o)?)?;
     let md = markdown::to_markdown(o);
     write_text_atomic(&paths.markdown, &md)?;
     for e in &o.evidence {
-        let case_dir = paths.images.join(&e.case);
-        write_png(&case_dir.join(format!("{}.png", e.id)), &e.current, &[])?;
-        if let Some(c) = &e.control {
-            write_png(&case_dir.join(format!("{}.control.png", e.id)), c, &[])?;
-        }
-        if let Some(d) = &e.diff {
-            write_png(&case_dir.join(format!("{}.diff.png", e.id)), d, &[])?;
+        write_png(&image_path(&paths.images, e, ""), &e.current, &[])?;
+        for (suffix, img) in [(".control", &e.control), (".baseline", &e.baseline), (".diff", &e.diff)] {
+            if let Some(img) = img {
+                write_png(&image_path(&paths.images, e, suffix), img, &[])?;
+            }
         }
     }
     // GitHub Actions shows this file on the run's page.
@@ -53,4 +61,55 @@ pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
             }
         }
     Ok(paths)
+}
+
+/// Reads the outcome a run wrote into `dir` (its `outcome.json` and images).
+pub fn read_outcome(dir: &Path) -> Result<SuiteOutcome> {
+    let path = dir.join("outcome.json");
+    let text = crate::fsutil::read_text(&path)?;
+    let mut o: SuiteOutcome = serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: not a loragate outcome: {e}", path.display())))?;
+    let images = dir.join("images");
+    for e in &mut o.evidence {
+        e.current = read_image(&image_path(&images, e, ""))?;
+        let optional = |p: PathBuf| if p.is_file() { read_image(&p).map(Some) } else { Ok(None) };
+        e.control = optional(image_path(&images, e, ".control"))?;
+        e.baseline = optional(image_path(&images, e, ".baseline"))?;
+        e.diff = optional(image_path(&images, e, ".diff"))?;
+    }
+    Ok(o)
+}
+
+/// One outcome from the outcomes of a suite's partitions, in the order given.
+pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next().ok_or_else(|| Error::invalid("nothing to merge"))?;
+    for p in parts {
+        if p.suite != all.suite {
+            return Err(Error::invalid(format!("cannot merge the reports of two suites (`{}` and `{}`): merge each suite's partitions on their own", all.suite, p.suite)));
+        }
+        all.results.extend(p.results);
+        all.evidence.extend(p.evidence);
+        all.stacks.extend(p.stacks);
+        all.images_total += p.images_total;
+        all.generated += p.generated;
+        all.cached += p.cached;
+        all.timings.plan += p.timings.plan;
+        all.timings.generate += p.timings.generate;
+        all.timings.score += p.timings.score;
+        all.timings.checks += p.timings.checks;
+        all.timings.baselines += p.timings.baselines;
+        all.pending.extend(p.pending);
+        all.stale.extend(p.stale);
+        for w in p.warnings {
+            if !all.warnings.contains(&w) {
+                all.warnings.push(w);
+            }
+        }
+        // "partition 2/2 holds no case" is news about a part, not about the whole.
+        all.notes.extend(p.notes.into_iter().filter(|n| !n.starts_with("no checks to run")));
+    }
+    all.notes.retain(|n| !n.starts_with("no checks to run"));
+    all.stale.sort();
+    all.stale.dedup();
+    Ok(all)
 }
