@@ -33,7 +33,9 @@ CUDA=$SITE/nvidia/cu13
 #   driver's real libcuda.so.1 is loaded in its place).
 mkdir -p "$CARGO_TARGET_DIR/link-stubs"
 STUBS=$(cd "$CARGO_TARGET_DIR/link-stubs" && pwd)
-for lib in "$CUDA"/lib/lib*.so.*; do
+# cuDNN's wheel has a folder of its own (nvidia/cudnn/lib).
+for lib in "$CUDA"/lib/lib*.so.* "$SITE"/nvidia/cudnn/lib/lib*.so.*; do
+  [ -e "$lib" ] || continue
   base=$(basename "$lib")
   ln -sf "$lib" "$STUBS/${base%%.so.*}.so"
 done
@@ -49,6 +51,6 @@ export CUDA_ROOT=$CUDA CUDA_PATH=$CUDA CUDA_TOOLKIT_ROOT_DIR=$CUDA
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export NVCC_PREPEND_FLAGS="-I$CUDA/include -I$CUDA/include/cccl ${NVCC_PREPEND_FLAGS:-}"
 export LIBRARY_PATH=$STUBS:$CUDA/lib:${LIBRARY_PATH:-}
-export LD_LIBRARY_PATH=$CUDA/lib:${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$CUDA/lib:$SITE/nvidia/cudnn/lib:${LD_LIBRARY_PATH:-}
 cargo build --release --features "$FEATURE"
 echo "built $CARGO_TARGET_DIR/release/loragate with $FEATURE for sm_$CUDA_COMPUTE_CAP"

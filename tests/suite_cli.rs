@@ -676,3 +676,56 @@ fn an_accept_killed_midway_is_completed_by_the_next_command() {
     let rerun = p.run(&["suite", suite.to_str().unwrap(), "--ci"]);
     assert_eq!(code(&rerun), 0, "{}", text(&rerun));
 }
+
+/// The field notes' hundred prompts, planned without a model: three matrices, 100 prompts,
+/// each with its LoRA image and control for two seeds.
+#[test]
+fn the_hundred_prompt_suite_plans_a_hundred_prompts() {
+    let o = Command::new(env!("CARGO_BIN_EXE_loragate")).args(["suite", "hundred.yaml", "--check"]).current_dir(common::repo()).output().unwrap();
+    let out = text(&o);
+    assert_eq!(code(&o), 0, "{out}");
+    assert!(out.contains("hundred: 3 cases, 400 images"), "{out}");
+    let variants: usize = out.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "prompts").nth(1)?.parse::<usize>().ok()).sum();
+    assert_eq!(variants, 100, "{out}");
+}
+
+/// A prompt matrix and a kohya prompt file: their prompts are checked one by one, the worst
+/// are named in the console, the summary and the report, and prompts.csv has every score.
+/// Bad ones are refused before anything is generated.
+#[test]
+fn prompt_sets_name_their_worst_prompts_and_bad_ones_are_refused_early() {
+    let p = Project::new("prompts");
+    p.write("suites/tricky.txt", "# tricky prompts, kohya's format\nzorb, large, at the top, night background --d 3\nred circle, small, on the left, grass background --n blurry --s 6\n");
+    let cases = "  - name: grid\n    prompt: \"zorb, {size}, {bg} background\"\n    matrix: { size: [small, large], bg: [sky, white] }\n  - name: file\n    prompts_file: tricky.txt\n";
+    let yaml = suite_yaml("prompts", &zorb(), cases).replace("cases:\n  - name: center\n    prompt: \"red circle, large, in the center, sky background\"\n", "cases:\n");
+    let suite = p.write("suites/prompts.yaml", &yaml);
+    let o = p.run(&["suite", suite.to_str().unwrap(), "--ci"]);
+    let out = text(&o);
+    assert!(code(&o) <= 1, "{out}");
+    for check in ["clip/small+sky", "clip/large+white", "clip/p001", "clip/p002"] {
+        assert!(status_of(&out, if check.contains("/p0") { "file" } else { "grid" }, check).is_some(), "{check}: {out}");
+    }
+    assert!(out.contains("worst prompts (raw cosine"), "{out}");
+    let csv = std::fs::read_to_string(p.dir.join("out/prompts/prompts.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    assert!(csv.contains("file,p002,\"red circle, small, on the left, grass background\""), "{csv}");
+    let summary = std::fs::read_to_string(p.dir.join("out/prompts/summary.md")).unwrap();
+    assert!(summary.contains("### Worst prompts (raw cosine, of 6"), "{summary}");
+    let html = std::fs::read_to_string(p.dir.join("out/prompts/report.html")).unwrap();
+    assert!(html.contains("Worst prompts") && html.contains("class=\"shot worst\""), "the report shows the worst prompts with images");
+    // The prompt file's `--d 3` replaces the case's seeds for that prompt.
+    assert!(p.dir.join("out/prompts/images/file/p001-s3.png").is_file());
+
+    // Refused before generating: a matrix over its cap, a bad flag in a prompt file.
+    let over = "  - name: grid\n    prompt: \"{a} {b}\"\n    matrix: { a: [1, 2, 3, 4, 5, 6, 7, 8], b: [1, 2, 3, 4, 5, 6, 7, 8], max: 50 }\n";
+    let suite = p.write("suites/over.yaml", &suite_yaml("over", &zorb(), over));
+    let o = p.run(&["suite", suite.to_str().unwrap()]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(text(&o).contains("matrix: the matrix has 64 combinations, more than max 50"), "{}", text(&o));
+    p.write("suites/bad.txt", "zorb, sky background\nzorb --cfg 7\n");
+    let suite = p.write("suites/badfile.yaml", &suite_yaml("badfile", &zorb(), "  - name: file\n    prompts_file: bad.txt\n"));
+    let o = p.run(&["suite", suite.to_str().unwrap()]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(text(&o).contains("suites/bad.txt:2:1: unknown flag `--cfg`"), "{}", text(&o));
+    assert!(!p.dir.join("out/over").exists() && !p.dir.join("out/badfile").exists(), "nothing may be generated");
+}

@@ -141,6 +141,10 @@ pub struct SuiteOutcome {
     pub notes: Vec<String>,
     /// The interference matrix of every stack case, for the report.
     pub stacks: Vec<(String, measure::StackNumbers)>,
+    /// Every prompt's score (each variant of each case), for the worst-prompts table and
+    /// `prompts.csv`.
+    #[serde(default)]
+    pub prompt_scores: Vec<PromptScore>,
     pub baseline_dir: PathBuf,
     pub update: UpdateMode,
     pub device: String,
@@ -165,6 +169,33 @@ impl SuiteOutcome {
     }
     pub fn known(&self) -> usize {
         self.count(|s| s == Status::Known)
+    }
+}
+
+/// One prompt's CLIP score against its floor and its no-LoRA control (raw cosine, aggregated
+/// over seeds as the case says).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromptScore {
+    pub case: String,
+    pub variant: String,
+    pub prompt: String,
+    /// What CLIP scored (the trigger replaced).
+    pub score_text: String,
+    pub clip: f64,
+    pub control: Option<f64>,
+    pub floor: f64,
+    pub seeds: usize,
+    /// The evidence image of its first seed (`<variant>-s<seed>`), for thumbnails.
+    pub image: String,
+}
+
+impl SuiteOutcome {
+    /// The `n` lowest-scoring prompts, lowest first.
+    pub fn worst_prompts(&self, n: usize) -> Vec<&PromptScore> {
+        let mut all: Vec<&PromptScore> = self.prompt_scores.iter().collect();
+        all.sort_by(|a, b| a.clip.total_cmp(&b.clip));
+        all.truncate(n);
+        all
     }
 }
 
@@ -263,10 +294,12 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
     }
     let src = measure::Sources { suite: &suite, plan: &plan, generation: &generation, emb: &emb, model_fingerprints: &fingerprints };
     let mut per_case: Vec<(usize, Vec<CheckResult>, measure::CaseNumbers)> = Vec::new();
+    let mut prompt_scores = Vec::new();
     for cp in &plan.cases {
         let case = &suite.cases[cp.case];
         let numbers = measure::measure_case(&src, case, cp)?;
         let results = verdicts::case_verdicts(&verdicts::Rules::of(case, suite.policy.incompatible_base), &numbers);
+        prompt_scores.extend(prompt_scores_of(case, &numbers));
         per_case.push((cp.case, results, numbers));
     }
     let group_results: Vec<CheckResult> = suite
@@ -366,11 +399,35 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         warnings: emb.warnings.clone(),
         notes,
         stacks,
+        prompt_scores,
         baseline_dir: store.dir.clone(),
         update: opts.update,
         device: crate::device::device_class(&opts.device).into(),
         dtype: crate::device::dtype_name(opts.dtype).into(),
     })
+}
+
+fn prompt_scores_of(case: &crate::suite::Case, n: &measure::CaseNumbers) -> Vec<PromptScore> {
+    let how = case.thresholds.clip_aggregate;
+    n.variants
+        .iter()
+        .filter(|v| !v.seeds.is_empty())
+        .map(|v| {
+            let clip = verdicts::aggregate(&v.seeds.iter().map(|s| s.clip).collect::<Vec<_>>(), how);
+            let controls: Vec<f64> = v.seeds.iter().filter_map(|s| s.clip_control).collect();
+            PromptScore {
+                case: case.name.to_string(),
+                variant: v.label.clone(),
+                prompt: v.prompt.clone(),
+                score_text: v.score_text.clone(),
+                clip,
+                control: (controls.len() == v.seeds.len()).then(|| verdicts::aggregate(&controls, how)),
+                floor: v.floor,
+                seeds: v.seeds.len(),
+                image: crate::names::SafeName::slug(&format!("{}-s{}", v.label, v.seeds[0].seed)).to_string(),
+            }
+        })
+        .collect()
 }
 
 fn rules_error(r: &verdicts::Rules, check: &str, message: String) -> CheckResult {

@@ -40,6 +40,8 @@ pub enum Kind {
     Sweep { nominal: f64 },
     Bisect,
     Stack,
+    /// A prompt matrix or prompt file: every prompt is checked like a case of its own.
+    Prompts,
 }
 
 impl<'a> Rules<'a> {
@@ -52,6 +54,7 @@ impl<'a> Rules<'a> {
             Variant::Sweep { adapter, .. } => Kind::Sweep { nominal: case.adapters[*adapter].weight },
             Variant::Bisect { .. } => Kind::Bisect,
             Variant::Stack { .. } => Kind::Stack,
+            Variant::Prompts { .. } => Kind::Prompts,
         };
         Rules { case: case.name.as_str(), t: &case.thresholds, incompatible_base, kind }
     }
@@ -177,7 +180,7 @@ pub fn clip(r: &Rules, variants: &[VariantNumbers]) -> Vec<CheckResult> {
     let t = r.t;
     let how = t.clip_aggregate;
     match r.kind {
-        Kind::Single | Kind::BaseSwap | Kind::Ladder | Kind::Stack => variants
+        Kind::Single | Kind::BaseSwap | Kind::Ladder | Kind::Stack | Kind::Prompts => variants
             .iter()
             .map(|v| {
                 let scores = clips(v);

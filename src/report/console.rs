@@ -30,6 +30,14 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
         let more = if r.message.chars().count() > msg_w { "…" } else { "" };
         let _ = writeln!(s, "{:<6} {:<case_w$} {:<check_w$} {msg}{more}", tag(r.status), clip(&r.case, case_w), clip(&r.check, check_w));
     }
+    if o.prompt_scores.len() > 1 {
+        let _ = writeln!(s, "\nworst prompts ({}; every prompt's scores are in prompts.csv):", o.scale.describe());
+        for p in o.worst_prompts(5) {
+            let control = p.control.map(|c| format!(", without the LoRA {:.3}", o.scale.apply(c))).unwrap_or_default();
+            let mark = if p.clip < p.floor { "under the floor" } else { "" };
+            let _ = writeln!(s, "  {:>7.3}  {}/{}  {:?}{control} {mark}", o.scale.apply(p.clip), p.case, p.variant, p.prompt);
+        }
+    }
     let t = &o.timings;
     let _ = writeln!(
         s,

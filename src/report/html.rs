@@ -46,6 +46,7 @@ main{padding:16px 24px}
 .case.failed{border-left-color:#d33}
 .case.review{border-left-color:#d89b00}
 h2.group{font-size:15px;margin:18px 0 8px;color:#445}
+.shot.worst figcaption{max-width:180px}
 table.matrix{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
 table.matrix caption{text-align:left;color:#555;padding-bottom:4px}
 table.matrix td,table.matrix th{border:1px solid #ddd;padding:3px 8px;text-align:center}
@@ -147,6 +148,7 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
             body.push_str("</div></section>");
         }
     }
+    let worst = worst_prompts(o)?;
     let verdict = crate::report::markdown::verdict(o);
     let mut html = String::new();
     let _ = write!(
@@ -155,7 +157,7 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
 <header><h1>loragate · {} — {verdict}</h1><div class=\"summary\"><span class=\"pass\">{} passed</span><span class=\"review\">{} to review</span><span class=\"fail\">{} failed</span><span>{} known failures</span><span>{} skipped</span>\
 <span>{} images ({} generated, {} cached)</span><span>scorer {} ({})</span><span>{}-{}</span></div>\
 <div class=\"controls\"><input id=\"q\" type=\"search\" placeholder=\"filter cases and checks…\"> <label><input id=\"failed\" type=\"checkbox\"> failed and to review only</label></div></header>\
-<main>{body}</main><script>{SCRIPT}</script></body></html>",
+<main>{worst}{body}</main><script>{SCRIPT}</script></body></html>",
         esc(&o.suite),
         esc(&o.suite),
         o.passed(),
@@ -197,6 +199,30 @@ fn stack_matrix(m: &crate::harness::measure::StackNumbers) -> String {
     }
     s.push_str("</table>");
     s
+}
+
+/// The lowest-scoring prompts with their image, score and the no-LoRA control's.
+fn worst_prompts(o: &SuiteOutcome) -> Result<String> {
+    if o.prompt_scores.len() < 2 {
+        return Ok(String::new());
+    }
+    let mut s = format!("<h2 class=\"group\">Worst prompts ({}, of {}; all in prompts.csv)</h2><div class=\"shots\">", o.scale.describe(), o.prompt_scores.len());
+    for p in o.worst_prompts(10) {
+        let img = o.evidence.iter().find(|e| e.case == p.case && e.id == p.image).map(|e| &e.current);
+        let control = p.control.map(|c| format!(" · without the LoRA {:.3}", o.scale.apply(c))).unwrap_or_default();
+        let class = if p.clip < p.floor { "fail" } else { "pass" };
+        let caption = format!("<span class=\"{class}\">{:.3}</span>{control}<br><a href=\"#case-{}\">{} / {}</a><br><span class=\"prompt\">{}</span>", o.scale.apply(p.clip), esc(&p.case), esc(&p.case), esc(&p.variant), esc(&p.prompt));
+        match img {
+            Some(i) => {
+                let _ = write!(s, "<div class=\"shot worst\"><figure><img src=\"{}\" alt=\"{}\"><figcaption>{caption}</figcaption></figure></div>", data_uri(i)?, esc(&p.prompt));
+            }
+            None => {
+                let _ = write!(s, "<div class=\"shot worst\"><figure><div class=\"missing\">no image</div><figcaption>{caption}</figcaption></figure></div>");
+            }
+        }
+    }
+    s.push_str("</div>");
+    Ok(s)
 }
 
 fn status_word(s: Status) -> &'static str {

@@ -63,6 +63,17 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
     list(&mut s, "Failed", &of(Status::is_failure));
     list(&mut s, "To review", &of(|st| st == Status::Review));
     list(&mut s, "Known failures", &of(|st| st == Status::Known));
+    if o.prompt_scores.len() > 1 {
+        let _ = writeln!(s, "### Worst prompts ({}, of {}; all in `prompts.csv`)\n", o.scale.describe(), o.prompt_scores.len());
+        let _ = writeln!(s, "| CLIP | without the LoRA | floor | case / variant | prompt |\n|---|---|---|---|---|");
+        for p in o.worst_prompts(10) {
+            let control = p.control.map(|c| format!("{:.3}", o.scale.apply(c))).unwrap_or_else(|| "–".into());
+            let clip = format!("{:.3}", o.scale.apply(p.clip));
+            let clip = if p.clip < p.floor { format!("**{clip}**") } else { clip };
+            let _ = writeln!(s, "| {clip} | {control} | {:.3} | {} / {} | {} |", o.scale.apply(p.floor), escape(&p.case), escape(&p.variant), escape(&p.prompt));
+        }
+        let _ = writeln!(s);
+    }
     let rest = of(|st| matches!(st, Status::Passed | Status::Skipped));
     let _ = writeln!(s, "<details><summary>Passed ({})</summary>\n", rest.len());
     let _ = writeln!(s, "| | case | check | result |\n|---|---|---|---|");

@@ -23,6 +23,8 @@ pub struct ReportPaths {
     pub images: PathBuf,
     /// The outcome without pixels, for `loragate merge-report`.
     pub outcome: PathBuf,
+    /// Every prompt's scores, for people who chart them.
+    pub prompts: PathBuf,
 }
 
 /// `images/<case>/<id><suffix>.png`: where an evidence image is written and read back.
@@ -38,7 +40,9 @@ pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
         markdown: dir.join("summary.md"),
         images: dir.join("images"),
         outcome: dir.join("outcome.json"),
+        prompts: dir.join("prompts.csv"),
     };
+    write_text_atomic(&paths.prompts, &prompts_csv(o))?;
     write_text_atomic(&paths.junit, &junit::to_junit(o)?)?;
     write_text_atomic(&paths.outcome, &serde_json::to_string(o).expect("serialisable"))?;
     write_text_atomic(&paths.html, &html::to_html(o)?)?;
@@ -112,4 +116,28 @@ pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
     all.stale.sort();
     all.stale.dedup();
     Ok(all)
+}
+
+/// `prompts.csv`: one row per prompt (each variant of each case), scores in the suite's scale.
+pub fn prompts_csv(o: &SuiteOutcome) -> String {
+    let field = |s: &str| if s.contains([',', '"', '\n']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() };
+    let mut out = String::from("case,variant,prompt,scored_text,seeds,clip,control,drop,floor,passes_floor,scale\n");
+    for p in &o.prompt_scores {
+        let show = |x: f64| format!("{:.4}", o.scale.apply(x));
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            field(&p.case),
+            field(&p.variant),
+            field(&p.prompt),
+            field(&p.score_text),
+            p.seeds,
+            show(p.clip),
+            p.control.map(show).unwrap_or_default(),
+            p.control.map(|c| show(c - p.clip)).unwrap_or_default(),
+            show(p.floor),
+            p.clip >= p.floor,
+            o.scale.describe()
+        ));
+    }
+    out
 }

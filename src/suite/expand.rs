@@ -120,6 +120,8 @@ struct VariantSpec {
     weight: Option<f64>,
     added: Option<String>,
     control: bool,
+    /// A prompt set's per-prompt settings (kohya's `--n --d --l --s --ss`).
+    overrides: Option<super::prompts::PromptEntry>,
 }
 
 /// Expands every case of `suite`.
@@ -161,6 +163,7 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
             weight: None,
             added: None,
             control: case.control,
+            overrides: None,
         };
         let mut specs: Vec<VariantSpec> = Vec::new();
         match &case.variant {
@@ -207,6 +210,16 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
                     });
                 }
             }
+            Variant::Prompts { entries } => {
+                let native = size_of(first)?;
+                for e in entries {
+                    specs.push(VariantSpec {
+                        prompt: e.prompt.clone(),
+                        overrides: Some(e.clone()),
+                        ..spec(e.label.clone(), first, e.size.unwrap_or(native))
+                    });
+                }
+            }
             Variant::Stack { loras } => {
                 // Each LoRA alone, then every pair in the order the suite lists them.
                 let size = size_of(first)?;
@@ -224,18 +237,24 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
         }
         let mut variants = Vec::with_capacity(specs.len());
         for v in specs {
+            let o = v.overrides.as_ref();
             let params = GenerationParams {
-                steps: s.steps,
-                guidance: s.guidance,
+                steps: o.and_then(|o| o.steps).unwrap_or(s.steps),
+                guidance: o.and_then(|o| o.guidance).unwrap_or(s.guidance),
                 width: v.size.0,
                 height: v.size.1,
-                sampler: s.sampler,
-                negative_prompt: s.negative_prompt.clone(),
+                sampler: o.and_then(|o| o.sampler).unwrap_or(s.sampler),
+                negative_prompt: o.and_then(|o| o.negative_prompt.clone()).unwrap_or_else(|| s.negative_prompt.clone()),
                 clip_skip: s.clip_skip,
+            };
+            // A prompt file's `--d` seed replaces the case's seeds for that prompt.
+            let seeds = match o.and_then(|o| o.seed) {
+                Some(seed) => vec![seed],
+                None => s.seeds.clone(),
             };
             let mut images = Vec::new();
             let mut controls = Vec::new();
-            for &seed in &s.seeds {
+            for &seed in &seeds {
                 let job = Job { model: v.model.clone(), stack: v.stack.clone(), prompt: v.prompt.clone(), seed, params: params.clone() };
                 images.push(table.add(job));
                 if v.control {
@@ -252,7 +271,7 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
                 floor: v.floor,
                 weight: v.weight,
                 added: v.added,
-                seeds: s.seeds.clone(),
+                seeds,
                 images,
                 controls,
             });

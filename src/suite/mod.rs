@@ -5,6 +5,7 @@
 //! missing files and bad values are errors with `file:line:column` and a hint.
 
 pub mod expand;
+pub mod prompts;
 pub mod raw;
 pub mod validate;
 
@@ -152,6 +153,8 @@ pub enum Variant {
     Bisect { add: Vec<String> },
     /// Stacking interference: each LoRA alone and every pair, at these weights.
     Stack { loras: Vec<AdapterUse> },
+    /// Many prompts: a matrix's expansions or a prompt file's lines, each with its overrides.
+    Prompts { entries: Vec<prompts::PromptEntry> },
 }
 
 impl Variant {
@@ -164,6 +167,7 @@ impl Variant {
             Variant::Sweep { .. } => "sweep",
             Variant::Bisect { .. } => "bisect",
             Variant::Stack { .. } => "stack",
+            Variant::Prompts { .. } => "prompts",
         }
     }
 }

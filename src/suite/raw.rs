@@ -202,8 +202,10 @@ pub struct RawCase {
     /// Unique within the suite; letters, digits, `-`, `_`, `.`; names files.
     #[schemars(with = "String")]
     pub name: Spanned<String>,
-    #[schemars(with = "String")]
-    pub prompt: Spanned<String>,
+    /// The prompt; with `matrix`, a template with `{slot}`s. A case with `prompts_file` has none.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub prompt: Option<Spanned<String>>,
     /// The text CLIP scores, when it should differ from the prompt with triggers replaced.
     #[serde(default)]
     pub score_prompt: Option<String>,
@@ -248,6 +250,15 @@ pub struct RawCase {
     /// Variant: failure-point bisection: words added to the prompt one at a time.
     #[serde(default)]
     pub bisect: Option<RawBisect>,
+    /// Variant: a prompt matrix: every combination of the slot values (or a seeded sample).
+    #[serde(default)]
+    #[schemars(with = "Option<RawMatrix>")]
+    pub matrix: Option<Spanned<RawMatrix>>,
+    /// Variant: prompts from a file in kohya sd-scripts' sample-prompt format (relative to the
+    /// suite file): one a line, `#` comments, `--n --w --h --d --l --s --ss` flags per line.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub prompts_file: Option<Spanned<String>>,
     /// Variant: stacking interference: each LoRA alone and every pair at the given weights.
     #[serde(default)]
     #[schemars(with = "Option<RawStack>")]
@@ -312,6 +323,46 @@ pub struct RawSweep {
 pub struct RawBisect {
     /// Words or tags appended to the prompt one at a time, in order.
     pub add: Vec<String>,
+}
+
+/// A prompt matrix: each other key is a slot of the prompt template with its values, e.g.
+/// `{ size: [small, large], place: [on the left, on the right], sample: 20 }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct RawMatrix {
+    /// Draw this many combinations (seeded) instead of taking them all.
+    #[serde(default)]
+    pub sample: Option<usize>,
+    /// The seed of the draw (default 0).
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// The most combinations taken without `sample` (default 256): a guard against a typo that
+    /// would generate thousands of images.
+    #[serde(default)]
+    pub max: Option<usize>,
+    /// The slots and their values.
+    #[serde(flatten)]
+    pub slots: std::collections::BTreeMap<String, Vec<SlotValue>>,
+}
+
+/// A slot value as YAML writes it: text, or a number or boolean taken as its text.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SlotValue {
+    Text(String),
+    Integer(i64),
+    Number(f64),
+    Flag(bool),
+}
+
+impl std::fmt::Display for SlotValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotValue::Text(s) => f.write_str(s),
+            SlotValue::Integer(i) => write!(f, "{i}"),
+            SlotValue::Number(x) => write!(f, "{x}"),
+            SlotValue::Flag(b) => write!(f, "{b}"),
+        }
+    }
 }
 
 /// LoRAs to stack: each alone and every pair, at `weights` (default: each LoRA's weight).

@@ -278,8 +278,8 @@ pub fn score_text(prompt: &str, loras: &[&SuiteLora]) -> String {
 }
 
 /// Tag-order permutations: the original first, then the others.
-fn permutations(ctx: &Ctx, case: &RawCase, spec: &Spanned<raw::RawWordOrder>) -> Result<Vec<String>> {
-    let tags: Vec<String> = case.prompt.value.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+fn permutations(ctx: &Ctx, prompt: &str, spec: &Spanned<raw::RawWordOrder>) -> Result<Vec<String>> {
+    let tags: Vec<String> = prompt.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
     if tags.len() < 2 {
         return Err(ctx.err(spec, "word_order needs a prompt of at least two comma-separated tags", None));
     }
@@ -468,9 +468,23 @@ fn resolve_case(
     suite_thresholds: &Thresholds,
 ) -> Result<Case> {
     let line = rc.name.referenced.line() as usize;
-    if rc.prompt.value.trim().is_empty() {
-        return Err(ctx.err(&rc.prompt, "the prompt is empty", None));
-    }
+    // The case's prompt: as written; for a prompt file, its first line (what the report shows
+    // as the case's prompt; every line is a variant).
+    let file_entries = match &rc.prompts_file {
+        Some(f) => {
+            if let Some(p) = &rc.prompt {
+                return Err(ctx.err(p, "a case with `prompts_file` takes its prompts from the file", Some("remove `prompt`, or `prompts_file`".into())));
+            }
+            Some(read_prompts_file(ctx, f)?)
+        }
+        None => None,
+    };
+    let prompt = match (&rc.prompt, &file_entries) {
+        (Some(p), _) if p.value.trim().is_empty() => return Err(ctx.err(p, "the prompt is empty", None)),
+        (Some(p), _) => p.value.clone(),
+        (None, Some(entries)) => entries[0].prompt.clone(),
+        (None, None) => return Err(ctx.err(&rc.name, "the case has no prompt", Some("add `prompt:` (or `prompts_file:` with prompts in kohya's format)".into()))),
+    };
     let settings = Settings {
         seeds: rc.seeds.clone().unwrap_or_else(|| defaults.seeds.clone()),
         steps: rc.steps.unwrap_or(defaults.steps),
@@ -509,17 +523,19 @@ fn resolve_case(
         rc.sweep.is_some(),
         rc.bisect.is_some(),
         rc.stack.is_some(),
+        rc.matrix.is_some(),
+        rc.prompts_file.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() > 1 {
         return Err(ctx.err(
             &rc.name,
-            "a case can have one variant (word_order, ladder, models, sweep, bisect or stack)",
+            "a case can have one variant (word_order, ladder, models, sweep, bisect, stack, matrix or prompts_file)",
             Some("split it into one case per variant".into()),
         ));
     }
     let mut models = suite_models.to_vec();
     let variant = if let Some(spec) = &rc.word_order {
-        Variant::WordOrder { prompts: permutations(ctx, rc, spec)? }
+        Variant::WordOrder { prompts: permutations(ctx, &prompt, spec)? }
     } else if let Some(rungs) = &rc.ladder {
         if rungs.is_empty() {
             return Err(ctx.err(&rc.name, "the ladder has no rungs", None));
@@ -556,6 +572,13 @@ fn resolve_case(
             return Err(ctx.err(&rc.name, "bisect.add is empty", None));
         }
         Variant::Bisect { add: b.add.clone() }
+    } else if let Some(m) = &rc.matrix {
+        let slots: Vec<(String, Vec<String>)> = m.value.slots.iter().map(|(k, v)| (k.clone(), v.iter().map(|x| x.to_string()).collect())).collect();
+        let entries = super::prompts::expand_matrix(&prompt, &slots, m.value.sample, m.value.seed.unwrap_or(0), m.value.max.unwrap_or(256))
+            .map_err(|e| ctx.err(m, format!("matrix: {e}"), None))?;
+        Variant::Prompts { entries }
+    } else if let Some(entries) = file_entries {
+        Variant::Prompts { entries }
     } else if let Some(st) = &rc.stack {
         if rc.adapters.is_some() {
             return Err(ctx.err(st, "a stack case takes its LoRAs from `stack:`", Some("remove `adapters` from this case".into())));
@@ -585,7 +608,7 @@ fn resolve_case(
         None => Vec::new(),
     };
     let used: Vec<&SuiteLora> = adapters.iter().map(|a| &loras[a.lora]).collect();
-    let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&rc.prompt.value, &used));
+    let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&prompt, &used));
     if matches!(variant, Variant::Stack { .. }) && rc.control == Some(false) {
         return Err(ctx.err(&rc.name, "a stack case needs its no-LoRA control: it measures each LoRA's effect against it", Some("remove `control: false`".into())));
     }
@@ -605,7 +628,7 @@ fn resolve_case(
     Ok(Case {
         name,
         known_failures,
-        prompt: rc.prompt.value.clone(),
+        prompt,
         score_text,
         settings,
         control: rc.control.unwrap_or(true) && !adapters.is_empty(),
@@ -647,4 +670,18 @@ fn parse_stack(ctx: &Ctx, st: &Spanned<raw::RawStack>, loras: &[SuiteLora]) -> R
         out.push(AdapterUse { lora: idx, weight });
     }
     Ok(out)
+}
+
+/// Reads a case's `prompts_file` (kohya's sample-prompt format); errors name the file and line.
+fn read_prompts_file(ctx: &Ctx, f: &Spanned<String>) -> Result<Vec<super::prompts::PromptEntry>> {
+    let path = ctx.path(&f.value);
+    let text = std::fs::read_to_string(&path).map_err(|e| ctx.err(f, format!("prompts file `{}` cannot be read ({}): {e}", f.value, path.display()), None))?;
+    super::prompts::parse_prompt_file(&text).map_err(|(line, message)| Error::Suite {
+        file: path.clone(),
+        line,
+        column: 1,
+        message,
+        hint: Some("one prompt a line; flags: --n negative prompt, --w/--h size, --d seed, --l guidance, --s steps, --ss sampler".into()),
+        infrastructure: false,
+    })
 }
