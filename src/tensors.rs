@@ -189,3 +189,31 @@ pub fn serialize(
     let meta = if meta.is_empty() { None } else { Some(meta) };
     safetensors::serialize(views, meta).map_err(|e| Error::invalid(format!("{e:?}")))
 }
+
+/// The dtype most of a safetensors file's tensors are stored in (f16, bf16, else f32), from its
+/// header alone.
+pub fn dominant_dtype(path: &Path) -> Result<DType> {
+    use std::io::Read;
+    let bad = |m: &str| Error::TensorFile { path: path.to_path_buf(), reason: m.to_string() };
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| bad("shorter than a safetensors header"))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad("implausibly large header"));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|_| bad("truncated header"))?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|_| bad("header is not JSON"))?;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (k, info) in v.as_object().into_iter().flatten() {
+        if k != "__metadata__" {
+            *counts.entry(info["dtype"].as_str().unwrap_or("").to_string()).or_default() += 1;
+        }
+    }
+    Ok(match counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d).as_deref() {
+        Some("F16") => DType::F16,
+        Some("BF16") => DType::BF16,
+        _ => DType::F32,
+    })
+}

@@ -69,7 +69,7 @@ def write_tokenizer(bpe_gz, out):
                "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, open(os.path.join(out, "tokenizer_config.json"), "w"))
 
 
-def make(out, bpe_gz):
+def make(out, bpe_gz, which=("sd15", "sdxl")):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -77,6 +77,8 @@ def make(out, bpe_gz):
         module.to(torch.float16).save_pretrained(path, safe_serialization=True)
 
     for name, unet_cfg, sdxl in (("sd15", SD15_UNET, False), ("sdxl", SDXL_UNET, True)):
+        if name not in which:
+            continue
         root = os.path.join(out, name)
         torch.manual_seed(0)
         dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,7 +102,7 @@ def make(out, bpe_gz):
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         json.dump(index, open(os.path.join(root, "model_index.json"), "w"), indent=1)
-    print(json.dumps({"made": [os.path.join(out, "sd15"), os.path.join(out, "sdxl")], "torch": torch.__version__}))
+    print(json.dumps({"made": [os.path.join(out, n) for n in which], "torch": torch.__version__}))
 
 
 def sync():
@@ -170,6 +172,7 @@ def main():
     m = sub.add_parser("make")
     m.add_argument("out")
     m.add_argument("bpe_gz")
+    m.add_argument("--which", default="sd15,sdxl")
     t = sub.add_parser("txt2img")
     t.add_argument("model")
     t.add_argument("--size", type=int, default=512)
@@ -184,7 +187,7 @@ def main():
     u.add_argument("--calls", type=int, default=10)
     a = p.parse_args()
     torch.set_grad_enabled(False)
-    {"make": lambda: make(a.out, a.bpe_gz), "txt2img": lambda: txt2img(a), "unet": lambda: unet(a)}[a.what]()
+    {"make": lambda: make(a.out, a.bpe_gz, a.which.split(",")), "txt2img": lambda: txt2img(a), "unet": lambda: unet(a)}[a.what]()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ use crate::device::{device_class, parse_device, parse_dtype};
 use crate::error::{Error, ExitCode, Result};
 use crate::imageio::{tensor_to_images, write_png};
 use crate::lora::{LoraFile, LoraStack};
-use crate::model::locate::resolve_model;
 use crate::model::scheduler::SamplerKind;
 use crate::model::{GenerationParams, Pipeline};
 use crate::progress::Progress;
@@ -50,6 +49,10 @@ pub struct GenerateArgs {
     /// f32, or f16/bf16 on a GPU.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// The configs of a single-file checkpoint: a diffusers folder, a cached hub id, or an LDM
+    /// original_config .yaml (as diffusers' `from_single_file(..., config=...)`).
+    #[arg(long)]
+    config: Option<String>,
     /// Decode in f32 under f16/bf16 (the SD VAE overflows in f16; without this, an image whose
     /// decode overflows is decoded again in f32, and the run says so).
     #[arg(long, value_name = "DTYPE")]
@@ -65,7 +68,7 @@ pub fn run(a: GenerateArgs) -> Result<ExitCode> {
     }
     let device = parse_device(&a.device)?;
     let dtype = parse_dtype(&a.dtype, &device)?;
-    let location = resolve_model(&a.model)?;
+    let location = crate::model::locate::resolve_model_with_config(&a.model, a.config.as_deref())?;
     let mut pipe = Pipeline::load(&location, dtype, &device)?;
     let vae_dtype = a.vae_dtype.as_deref().map(|v| crate::device::parse_vae_dtype(v, &device)).transpose()?;
     if let Some(v) = vae_dtype {

@@ -2,6 +2,7 @@
 
 mod baseline;
 mod bench;
+mod convert;
 mod generate;
 mod inspect;
 mod junit;
@@ -45,6 +46,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Measure: parity on a device, txt2img and UNet speed (one JSON object).
     Bench(bench::BenchArgs),
+    /// Convert a single-file checkpoint to a diffusers folder, or a folder to a single file.
+    Convert(convert::ConvertArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -68,6 +71,7 @@ pub fn run() -> Result<ExitCode> {
         Command::World(a) => world::run(a),
         Command::Train(a) => train::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
 

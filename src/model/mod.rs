@@ -22,7 +22,7 @@ pub mod ops;
 pub mod runtime;
 
 pub use arch::{scheduler, text_encoder, unet, vae};
-pub use formats::{ldm, loading, locate, single_file, tokenizer};
+pub use formats::{ldm, ldm_config, loading, locate, single_file, tokenizer};
 pub use ops::{adapters, conv, fused, kernels, nn, noise, params, resize};
 pub use runtime::{clip, pipeline};
 

@@ -36,6 +36,7 @@ impl Job {
             "folder": loc.folder,
             "unet": loc.unet_folder,
             "single_file": loc.single_file,
+            "config": loc.config,
             "stack": stack,
             "prompt": self.prompt,
             "negative": p.negative_prompt,
@@ -292,7 +293,7 @@ mod tests {
         ModelRef {
             name: written.clone(),
             label: SafeName::for_model(&written),
-            location: ModelLocation { name: written, folder: PathBuf::from("models"), unet_folder: None, single_file: Some(PathBuf::from(format!("models/{name}.safetensors"))) },
+            location: ModelLocation { name: written, folder: PathBuf::from("models"), unet_folder: None, single_file: Some(PathBuf::from(format!("models/{name}.safetensors"))), config: None },
         }
     }
 

@@ -18,11 +18,12 @@ pub struct RawSuite {
     pub name: Option<Spanned<String>>,
     #[serde(default)]
     pub description: Option<String>,
-    /// Base models every case runs on unless it says otherwise: `tiny`, `tiny-sticker`, or a
-    /// diffusers folder. Default: `[tiny]`.
+    /// Base models every case runs on unless it says otherwise: `tiny`, `tiny-sticker`, a
+    /// diffusers folder, a single file (`{ path: x.safetensors, config: folder-or-yaml }` gives
+    /// its configs), or a cached hub id. Default: `[tiny]`.
     #[serde(default)]
-    #[schemars(with = "Vec<String>")]
-    pub models: Vec<Spanned<String>>,
+    #[schemars(with = "Vec<RawModel>")]
+    pub models: Vec<Spanned<RawModel>>,
     /// CLIP scorer: `tiny-clip` (default) or a folder in the transformers CLIPModel layout.
     #[serde(default)]
     #[schemars(with = "Option<String>")]
@@ -40,6 +41,26 @@ pub struct RawSuite {
     #[serde(default)]
     pub identity_groups: Vec<RawIdentityGroup>,
     pub cases: Vec<RawCase>,
+}
+
+/// A model: a name or path, or a single file with the configs to read it with.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawModel {
+    Name(String),
+    File(RawModelFile),
+}
+
+/// A model with the configs to read it with.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelFile {
+    /// The single file (or folder, or name).
+    pub path: String,
+    /// Its configs: a diffusers folder, a cached hub id, or an LDM original_config .yaml,
+    /// relative to the suite file.
+    #[serde(default)]
+    pub config: Option<String>,
 }
 
 /// A LoRA file and how it is used.
@@ -241,8 +262,8 @@ pub struct RawCase {
     pub ladder: Option<Vec<RawRung>>,
     /// Variant: base-model swap (models to run on).
     #[serde(default)]
-    #[schemars(with = "Option<Vec<String>>")]
-    pub models: Option<Vec<Spanned<String>>>,
+    #[schemars(with = "Option<Vec<RawModel>>")]
+    pub models: Option<Vec<Spanned<RawModel>>>,
     /// Variant: a weight sweep of one LoRA of the stack.
     #[serde(default)]
     #[schemars(with = "Option<RawSweep>")]

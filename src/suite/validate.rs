@@ -134,15 +134,27 @@ fn check_name(ctx: &Ctx, s: &Spanned<String>, what: &str) -> Result<SafeName> {
     })
 }
 
-fn resolve_model_ref(ctx: &Ctx, s: &Spanned<String>) -> Result<ModelRef> {
-    let written = &s.value;
-    let arg = if crate::model::locate::BUILTIN_MODELS.iter().any(|(n, _)| n == written) || written == "tiny-sd" {
-        written.clone()
-    } else {
-        ctx.path(written).to_string_lossy().into_owned()
+fn resolve_model_ref(ctx: &Ctx, s: &Spanned<raw::RawModel>) -> Result<ModelRef> {
+    let (written, config) = match &s.value {
+        raw::RawModel::Name(n) => (n, None),
+        raw::RawModel::File(f) => (&f.path, f.config.as_ref()),
     };
-    match resolve_model(&arg) {
-        Ok(location) => Ok(ModelRef { name: written.clone(), label: SafeName::for_model(written), location }),
+    let relative = |w: &String| -> String {
+        if crate::model::locate::BUILTIN_MODELS.iter().any(|(n, _)| n == w) || w == "tiny-sd" || (!Path::new(w).exists() && !ctx.path(w).exists() && crate::model::locate::looks_like_hub_id(w)) {
+            w.clone()
+        } else {
+            ctx.path(w).to_string_lossy().into_owned()
+        }
+    };
+    let arg = relative(written);
+    let config_arg = config.map(relative);
+    // The same file read with other configs is another model, with another label.
+    let label = match config {
+        Some(c) => SafeName::for_model(&format!("{written} with {c}")),
+        None => SafeName::for_model(written),
+    };
+    match crate::model::locate::resolve_model_with_config(&arg, config_arg.as_deref()) {
+        Ok(location) => Ok(ModelRef { name: written.clone(), label, location }),
         Err(e) => {
             // A model folder that is not there is an environment problem (exit 3); an unknown
             // built-in name or a folder that is not a model is the suite's fault (exit 2).
@@ -554,7 +566,7 @@ fn resolve_case(
         for m in ms {
             let r = resolve_model_ref(ctx, m)?;
             if models.iter().any(|x: &ModelRef| x.label == r.label || x.location == r.location) {
-                return Err(ctx.err(m, format!("model `{}` is listed twice", m.value), None));
+                return Err(ctx.err(m, format!("model `{}` is listed twice", r.name), None));
             }
             models.push(r);
         }

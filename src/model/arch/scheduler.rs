@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// The fields of `scheduler_config.json` that define the schedule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct ScheduleConfig {
     #[serde(default = "thousand")]
     pub num_train_timesteps: usize,

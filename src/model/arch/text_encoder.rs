@@ -12,7 +12,7 @@ use crate::model::nn::{Activation, Embedding, LayerNorm, Linear, attention};
 use crate::model::params::Params;
 
 /// `config.json` of a `CLIPTextModel` (or the `text_config` of a `CLIPModel`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct TextConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,

@@ -13,7 +13,7 @@ use crate::model::nn::{Conv2d, GroupNorm, Linear, attention_heads};
 use crate::model::params::Params;
 use crate::model::unet::blocks::{Downsample, ResnetBlock, Upsample};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct VaeConfig {
     #[serde(default = "three")]
     pub in_channels: usize,

@@ -32,12 +32,50 @@ pub struct ModelLocation {
     pub unet_folder: Option<PathBuf>,
     /// A single-file checkpoint to convert instead of reading `folder`.
     pub single_file: Option<PathBuf>,
+    /// Where a single file's configs come from (`--config`): a diffusers folder (configs and
+    /// tokenizer) or an LDM `original_config` YAML.
+    pub config: Option<PathBuf>,
 }
 
 impl ModelLocation {
     fn folder(name: &str, folder: PathBuf) -> Self {
-        ModelLocation { name: name.to_string(), folder, unet_folder: None, single_file: None }
+        ModelLocation { name: name.to_string(), folder, unet_folder: None, single_file: None, config: None }
     }
+}
+
+/// Resolves `--config` for a single file: a diffusers folder, a hub id in the cache, or an LDM
+/// `original_config` YAML.
+pub fn resolve_config(arg: &str) -> Result<PathBuf> {
+    let p = PathBuf::from(arg);
+    if p.is_file() {
+        let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        if ext == "yaml" || ext == "yml" {
+            return Ok(p);
+        }
+        return Err(Error::invalid(format!("--config {arg}: a file must be an LDM original config (.yaml); configs of a diffusers model are given as its folder")));
+    }
+    if p.is_dir() {
+        if p.join("unet").join("config.json").is_file() {
+            return Ok(p);
+        }
+        return Err(Error::model(&p, "--config: not a diffusers pipeline folder (no unet/config.json)"));
+    }
+    if looks_like_hub_id(arg) {
+        return resolve_hub_id(arg);
+    }
+    Err(Error::model(&p, "--config: no such folder or file"))
+}
+
+/// [`resolve_model`] with the configs of a single file given (`--config`).
+pub fn resolve_model_with_config(arg: &str, config: Option<&str>) -> Result<ModelLocation> {
+    let mut loc = resolve_model(arg)?;
+    if let Some(c) = config {
+        if loc.single_file.is_none() {
+            return Err(Error::invalid(format!("--config {c}: only a single-file checkpoint takes configs from elsewhere; `{arg}` is a folder with its own")));
+        }
+        loc.config = Some(resolve_config(c)?);
+    }
+    Ok(loc)
 }
 
 /// Finds the `assets/` folder of the repository.

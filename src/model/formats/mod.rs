@@ -4,6 +4,7 @@
 //! [`tokenizer`] reads CLIP's BPE vocabularies.
 
 pub mod ldm;
+pub mod ldm_config;
 pub mod loading;
 pub mod locate;
 pub mod single_file;

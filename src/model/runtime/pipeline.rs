@@ -1,6 +1,7 @@
 //! A loaded text-to-image pipeline: tokenizer(s), text encoder(s), UNet, VAE and noise schedule,
 //! and the generation loop (classifier-free guidance, any sampler, batches of prompts).
 
+use std::collections::BTreeMap;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
@@ -98,7 +99,18 @@ pub struct Pipeline {
 /// its fingerprint, so a cache can be checked before any model is loaded.
 pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
     if let Some(f) = &location.single_file {
-        return Ok(vec![f.clone()]);
+        // The configs a single file is read with change its pixels as much as its weights do.
+        let mut files = vec![f.clone()];
+        match &location.config {
+            Some(c) if c.is_dir() => {
+                let mut text: Vec<PathBuf> = crate::model::single_file::config_file_names(c).into_iter().map(|r| c.join(r)).collect();
+                text.sort();
+                files.extend(text);
+            }
+            Some(c) => files.push(c.clone()),
+            None => {}
+        }
+        return Ok(files);
     }
     let root = &location.folder;
     let unet_dir = location.unet_folder.clone().unwrap_or_else(|| root.join("unet"));
@@ -135,6 +147,16 @@ pub fn model_files(location: &ModelLocation) -> Result<Vec<PathBuf>> {
 pub fn native_size(location: &ModelLocation) -> Result<(usize, usize)> {
     if let Some(f) = &location.single_file {
         let (shapes, meta) = crate::model::single_file::read_header(f)?;
+        if let Some(c) = &location.config {
+            let (unet, vae): (UNetConfig, VaeConfig) = if c.is_dir() {
+                (read_config(&c.join("unet").join("config.json"))?, read_config(&c.join("vae").join("config.json"))?)
+            } else {
+                let l = crate::model::ldm_config::read(c)?;
+                (l.unet, l.vae)
+            };
+            let s = unet.sample_size.unwrap_or(64) * vae.downscale();
+            return Ok((s, s));
+        }
         if let Some(c) = meta.get("loragate.configs") {
             let v: serde_json::Value = serde_json::from_str(c).map_err(|e| Error::model(f, e.to_string()))?;
             let unet: UNetConfig = serde_json::from_value(v["unet"].clone()).map_err(|e| Error::model(f, e.to_string()))?;
@@ -178,7 +200,7 @@ impl Pipeline {
     /// Loads a pipeline: a diffusers folder or a single-file checkpoint (see [`ModelLocation`]).
     pub fn load(location: &ModelLocation, dtype: DType, device: &Device) -> Result<Self> {
         let parts = match &location.single_file {
-            Some(file) => crate::model::single_file::convert(file, dtype, device)?,
+            Some(file) => crate::model::single_file::convert(file, dtype, device, location.config.as_deref())?,
             None => parts_from_folder(location, dtype, device)?,
         };
         Self::from_parts(location, parts, dtype, device)
@@ -187,6 +209,15 @@ impl Pipeline {
     /// Builds the pipeline from components in the diffusers layout.
     pub fn from_parts(location: &ModelLocation, parts: Converted, dtype: DType, device: &Device) -> Result<Self> {
         let origin = location.single_file.clone().unwrap_or_else(|| location.folder.clone());
+        if !parts.unused.is_empty() {
+            // As for a folder's tensors (warn_unused): extra weights usually mean the wrong configs.
+            eprintln!(
+                "warning: {}: {} tensors are not used by the architecture the configs describe (first: {})",
+                origin.display(),
+                parts.unused.len(),
+                parts.unused[0]
+            );
+        }
         let schedule = NoiseSchedule::new(&parts.schedule).map_err(|e| Error::model(&origin, e.to_string()))?;
         let at = |what: &str| origin.join(what);
 
@@ -464,7 +495,7 @@ impl Pipeline {
     fn load_vae(&self, dtype: DType) -> Result<Vae> {
         let (config, tensors, origin) = match &self.location.single_file {
             Some(file) => {
-                let parts = crate::model::single_file::convert(file, dtype, &self.device)?;
+                let parts = crate::model::single_file::convert(file, dtype, &self.device, self.location.config.as_deref())?;
                 (parts.vae_config, parts.vae, file.clone())
             }
             None => {
@@ -577,6 +608,10 @@ pub fn parts_from_folder(location: &ModelLocation, dtype: DType, device: &Device
         second,
         schedule,
         force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"].as_bool().unwrap_or(false),
+        source: crate::model::single_file::ConfigSource::Folder(root.clone()),
+        unused: Vec::new(),
+        config_files: BTreeMap::new(),
+        tokenizer_files: crate::model::single_file::TokenizerFiles::Files(BTreeMap::new()),
     })
 }
 

@@ -16,7 +16,7 @@ use crate::model::params::Params;
 use blocks::{AttentionLayout, BlockLayout, Common, DownBlock, MidBlock, UpBlock};
 
 /// A config value that diffusers allows either once for all blocks or once per block.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum PerBlock<T> {
     One(T),
@@ -35,7 +35,7 @@ impl<T: Clone> PerBlock<T> {
 
 /// The fields of diffusers' `UNet2DConditionModel` config.json this implementation reads.
 /// Fields it cannot honour are checked in [`UNetConfig::validate`] rather than ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct UNetConfig {
     #[serde(default = "four")]
     pub in_channels: usize,
