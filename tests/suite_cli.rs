@@ -729,3 +729,90 @@ fn prompt_sets_name_their_worst_prompts_and_bad_ones_are_refused_early() {
     assert!(text(&o).contains("suites/bad.txt:2:1: unknown flag `--cfg`"), "{}", text(&o));
     assert!(!p.dir.join("out/over").exists() && !p.dir.join("out/badfile").exists(), "nothing may be generated");
 }
+
+/// An aesthetic predictor in the published layout, with random weights, reading `width`-wide
+/// CLIP embeddings.
+fn write_aesthetic(path: &Path, width: usize) {
+    let widths = [width, 32, 16, 8, 4, 1];
+    let mut rng = Rng::new(11);
+    let mut t = BTreeMap::new();
+    for (i, k) in [0, 2, 4, 6, 7].iter().enumerate() {
+        let (inp, out) = (widths[i], widths[i + 1]);
+        let w: Vec<f32> = rng.normals(inp * out).into_iter().map(|v| v / (inp as f32).sqrt()).collect();
+        t.insert(format!("layers.{k}.weight"), candle_core::Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap());
+        t.insert(format!("layers.{k}.bias"), candle_core::Tensor::from_vec(rng.normals(out), out, &Device::Cpu).unwrap());
+    }
+    loragate::tensors::save(path, &t, &BTreeMap::new(), SaveDtype::F32).unwrap();
+}
+
+/// Identity scored by a DINOv2 model against a folder of references, and the aesthetic check:
+/// the numbers come from those models (not CLIP), and every check names its scorer in the
+/// console's JUnit, the report and the score baselines. Bad scorer settings stop the run early.
+#[test]
+fn identity_and_aesthetic_scorers_measure_and_are_named_everywhere() {
+    let p = Project::new("scorers");
+    for r in ["zorb-large-center-sky.png", "zorb-large-left-grass.png"] {
+        std::fs::create_dir_all(p.dir.join("suites/refs/zorb")).unwrap();
+        std::fs::copy(common::repo().join("suites/refs").join(r), p.dir.join("suites/refs/zorb").join(r)).unwrap();
+    }
+    p.write("suites/refs/zorb/notes.txt", "not an image: ignored");
+    write_aesthetic(&p.dir.join("suites/aesthetic.safetensors"), 128);
+    let dino = common::repo().join("tests/fixtures/scorers/dinov2-tiny");
+    let case = "    references: [refs/zorb]\n    seeds: [0, 1]\n";
+    // Random weights: the floors are off, this is about wiring; the thresholds are tested on
+    // synthetic numbers in verdicts.rs.
+    let with = |yaml: String, extra: &str| yaml.replace("thresholds:\n", &format!("{extra}thresholds:\n  identity: -1\n  aesthetic_drop: 1000\n"));
+    let scored = with(suite_yaml("scorers", &zorb(), case), &format!("identity_scorer: {}\naesthetic: {{ predictor: aesthetic.safetensors }}\n", dino.display()));
+    let suite = p.write("suites/scorers.yaml", &scored);
+    let o = p.run(&["suite", suite.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(code(&o), 0, "{out}");
+    assert_eq!(status_of(&out, "center", "identity").as_deref(), Some("PASS"), "{out}");
+    assert_eq!(status_of(&out, "center", "aesthetic").as_deref(), Some("PASS"), "{out}");
+    let junit = p.junit("scorers");
+    assert_eq!(validate(&junit), Vec::<String>::new());
+    assert!(junit.contains(r#"name="identity_scorer" value=""#) && junit.contains("dinov2-tiny (DINOv2)"), "{junit}");
+    assert!(junit.contains(r#"name="aesthetic_scorer" value="aesthetic.safetensors on tiny-clip""#), "{junit}");
+    assert!(junit.contains("scorer=tiny-clip\n"), "the clip checks name CLIP: {junit}");
+    assert!(junit.contains("2 reference images") && junit.contains("nearest reference zorb-large-"), "{junit}");
+    let report = std::fs::read_to_string(p.dir.join("out/scorers/report.html")).unwrap();
+    assert!(report.contains("<td class=\"by\">pixels</td>") && report.contains("dinov2-tiny (DINOv2)</td>"), "the report names scorers");
+    let scores: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.dir.join("baselines/scorers/cpu-f32/center/scores.new.json")).unwrap()).unwrap();
+    assert!(scores["scorers"]["clip"].as_str().unwrap().starts_with("tiny-clip "), "{scores}");
+    assert!(scores["scorers"]["identity"].as_str().unwrap().contains("dinov2-tiny"), "{scores}");
+    assert!(scores["scorers"]["aesthetic"].as_str().unwrap().starts_with("aesthetic.safetensors "), "{scores}");
+    assert_eq!(scores["scorers"]["effect"], "pixels");
+    assert!(scores["scorer"].as_str().unwrap().contains(" · identity ") && scores["scorer"].as_str().unwrap().contains(" · aesthetic "), "{scores}");
+    assert!(scores["measurements"].as_array().unwrap().iter().any(|m| m["metric"] == "aesthetic"), "{scores}");
+
+    // The same images scored for identity by CLIP give other numbers: DINOv2 really measured.
+    let metric = |junit: &str, name: &str| -> f64 {
+        let at = junit.find(&format!("{name}=")).unwrap_or_else(|| panic!("no {name} in {junit}")) + name.len() + 1;
+        junit[at..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let plain = p.write("suites/plain.yaml", &with(suite_yaml("plain", &zorb(), case), ""));
+    let o = p.run(&["suite", plain.to_str().unwrap(), "--ci"]);
+    assert!(text(&o).contains("(0 generated, 4 cached)"), "{}", text(&o));
+    let clip_identity = metric(&p.junit("plain"), "identity_mean");
+    assert!((clip_identity - metric(&junit, "identity_mean")).abs() > 1e-3, "identity must come from the identity scorer");
+    assert!(!p.junit("plain").contains("aesthetic"), "no predictor, no aesthetic check");
+
+    // Bad settings stop the run before anything is generated, at their line.
+    let unet = common::repo().join("assets/tinyworld/tiny-sd/unet");
+    write_aesthetic(&p.dir.join("suites/wide.safetensors"), 768);
+    std::fs::create_dir_all(p.dir.join("suites/refs/empty")).unwrap();
+    let cases: &[(&str, String, &str)] = &[
+        ("not-a-scorer", with(suite_yaml("x", &zorb(), ""), &format!("identity_scorer: {}\n", unet.display())), "is not a scorer"),
+        ("dino-as-clip", suite_yaml("x", &zorb(), "").replace("loras:", &format!("scorer: {}\nloras:", dino.display())), "is not a CLIP model"),
+        ("wrong-width", with(suite_yaml("x", &zorb(), ""), "aesthetic: { predictor: wide.safetensors }\n"), "reads 768-wide CLIP embeddings but `tiny-clip` gives 128"),
+        ("no-predictor", with(suite_yaml("x", &zorb(), ""), "aesthetic: { predictor: none.safetensors }\n"), "aesthetic predictor `none.safetensors` not found"),
+        ("empty-refs", suite_yaml("x", &zorb(), "    references: [refs/empty]\n"), ":17:18: reference folder `refs/empty` has no images"),
+    ];
+    for (name, yaml, needle) in cases {
+        let suite = p.write(&format!("suites/{name}.yaml"), yaml);
+        let o = p.run(&["suite", suite.to_str().unwrap()]);
+        assert_eq!(code(&o), 2, "{name}: {}", text(&o));
+        assert!(text(&o).contains(needle), "{name}: expected {needle:?} in {}", text(&o));
+        assert!(text(&o).contains(&format!("{name}.yaml:")), "{name}: the error names the file and line: {}", text(&o));
+    }
+}

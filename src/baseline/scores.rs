@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub enum Metric {
     /// CLIP text–image cosine of the LoRA's image (raw cosine).
     Clip,
-    /// CLIP image–image cosine to the case's reference images.
+    /// Image–image cosine (of the identity scorer) to the case's reference images.
     Identity,
     /// Image similarity of a tag order to the order as written (0–1).
     WordOrder,
@@ -27,10 +27,12 @@ pub enum Metric {
     Leak,
     /// 1 − mean image similarity between seeds (0–1): the variety of the LoRA's images.
     Diversity,
+    /// The aesthetic predictor's score (its own scale).
+    Aesthetic,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [Metric::Clip, Metric::Identity, Metric::WordOrder, Metric::Effect, Metric::Leak, Metric::Diversity];
+    pub const ALL: [Metric; 7] = [Metric::Clip, Metric::Identity, Metric::WordOrder, Metric::Effect, Metric::Leak, Metric::Diversity, Metric::Aesthetic];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +42,7 @@ impl Metric {
             Metric::Effect => "effect",
             Metric::Leak => "leak",
             Metric::Diversity => "diversity",
+            Metric::Aesthetic => "aesthetic",
         }
     }
 
@@ -79,8 +82,11 @@ pub struct VariantInputs {
 pub struct ScoreBaseline {
     pub suite: String,
     pub case: String,
-    /// The scorer's name and fingerprint: scores of another scorer are not comparable.
+    /// The scorers' names and fingerprints: scores of another scorer are not comparable.
     pub scorer: String,
+    /// The scorer of each metric (`clip`, `identity`, ... → name and fingerprint, or `pixels`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scorers: BTreeMap<String, String>,
     pub variants: BTreeMap<String, VariantInputs>,
     pub measurements: Vec<Measurement>,
 }
@@ -144,6 +150,7 @@ mod tests {
             suite: "s".into(),
             case: "c".into(),
             scorer: "tiny-clip".into(),
+            scorers: Default::default(),
             variants,
             measurements: values.iter().map(|(m, v, s, x)| Measurement { metric: *m, variant: v.to_string(), seed: *s, value: *x }).collect(),
         }

@@ -23,9 +23,13 @@ pub struct SeedNumbers {
     pub clip_control: Option<f64>,
     /// Mean absolute pixel difference from the control (0–1).
     pub effect: Option<f64>,
-    /// Mean CLIP image–image cosine to the case's references, for the image and the control.
+    /// Mean image–image cosine (identity scorer) to the case's references, for the image and
+    /// the control.
     pub identity: Option<f64>,
     pub identity_control: Option<f64>,
+    /// The aesthetic predictor's score of the image and of the control.
+    pub aesthetic: Option<f64>,
+    pub aesthetic_control: Option<f64>,
     /// Word order: similarity to the first order's image of the same seed, and the same for
     /// the controls.
     pub order_similarity: Option<f64>,
@@ -68,7 +72,7 @@ pub struct StackNumbers {
     /// `[i][k]`: the share of LoRA i's own pixel change (against the control) that survives
     /// when LoRA k is stacked on it; 1 on the diagonal, `None` where not measurable.
     pub effect_kept: Vec<Vec<Option<f64>>>,
-    /// The same in CLIP image-embedding space: what i keeps of its look.
+    /// The same in the identity scorer's embedding space: what i keeps of its look.
     pub identity_kept: Vec<Vec<Option<f64>>>,
 }
 
@@ -85,6 +89,8 @@ pub struct CaseNumbers {
     pub broken: Vec<String>,
     pub images: usize,
     pub references: usize,
+    /// Per reference image (file name), the mean cosine of the LoRA's images to it.
+    pub reference_means: Vec<(String, f64)>,
     pub stack: Option<StackNumbers>,
 }
 
@@ -144,10 +150,10 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
         .map(|a| a.model.clone())
         .collect();
     let usable: Vec<&VariantPlan> = cp.variants.iter().filter(|v| src.usable(v)).collect();
-    let refs: Vec<&Vec<f32>> = case.references.iter().filter_map(|p| src.emb.references.get(p)).collect();
+    let refs: Vec<(&std::path::PathBuf, &Vec<f32>)> = case.references.iter().filter_map(|p| Some((p, src.emb.references.get(p)?))).collect();
     let identity_of = |job: usize| -> Option<f64> {
-        let e = src.emb.images[job].as_ref()?;
-        mean(&refs.iter().map(|r| dot(e, r)).collect::<Vec<_>>())
+        let e = src.emb.identity(job)?;
+        mean(&refs.iter().map(|(_, r)| dot(e, r)).collect::<Vec<_>>())
     };
 
     let mut broken = Vec::new();
@@ -175,6 +181,8 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
                 n.identity = identity_of(j);
                 n.identity_control = control.and_then(identity_of);
             }
+            n.aesthetic = src.emb.aesthetic[j];
+            n.aesthetic_control = control.and_then(|c| src.emb.aesthetic[c]);
             if matches!(case.variant, Variant::WordOrder { .. })
                 && let Some(f) = first
                 && !std::ptr::eq(f, *v)
@@ -203,7 +211,15 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
         Variant::Stack { loras } => Some(stack_numbers(src, loras.iter().map(|a| a.lora).collect(), &usable)?),
         _ => None,
     };
-    Ok(CaseNumbers { case: case.name.to_string(), applied, refused, variants, broken, images, references: refs.len(), stack })
+    let lora_images: Vec<&Vec<f32>> = usable.iter().flat_map(|v| v.images.iter().filter_map(|&j| src.emb.identity(j))).collect();
+    let reference_means = refs
+        .iter()
+        .filter_map(|(p, r)| {
+            let name = p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| p.display().to_string());
+            Some((name, mean(&lora_images.iter().map(|e| dot(e, r)).collect::<Vec<_>>())?))
+        })
+        .collect();
+    Ok(CaseNumbers { case: case.name.to_string(), applied, refused, variants, broken, images, references: refs.len(), reference_means, stack })
 }
 
 fn broken_image(src: &Sources, job: usize, blank: f64) -> Option<String> {
@@ -296,7 +312,7 @@ fn stack_numbers(src: &Sources, loras: Vec<usize>, usable: &[&VariantPlan]) -> R
                 let (ji, jk, jb, j0) = (alone_i.images[s], alone_k.images[s], both.images[s], alone_i.controls[s]);
                 // What stacking k on i adds beyond k alone, against what i alone adds to the base.
                 px.push(StackSeed { both: pixels(src.image(jb)), other: pixels(src.image(jk)), alone: pixels(src.image(ji)), base: pixels(src.image(j0)) });
-                let e = |j: usize| src.emb.images[j].clone();
+                let e = |j: usize| src.emb.identity(j).cloned();
                 if let (Some(both), Some(other), Some(alone), Some(base)) = (e(jb), e(jk), e(ji), e(j0)) {
                     emb.push(StackSeed { both, other, alone, base });
                 }
@@ -316,7 +332,7 @@ pub fn measure_group(src: &Sources, g: &IdentityGroup) -> GroupNumbers {
         .filter_map(|name| {
             let ci = src.suite.cases.iter().position(|c| &c.name == name)?;
             let cp = src.plan.cases.iter().find(|p| p.case == ci)?;
-            let ok = |j: &usize| src.emb.images[*j].is_some();
+            let ok = |j: &usize| src.emb.identity(*j).is_some();
             let images: Vec<usize> = cp.variants.iter().flat_map(|v| v.images.iter().copied()).filter(ok).collect();
             let controls: Vec<usize> = cp.variants.iter().flat_map(|v| v.controls.iter().copied()).filter(ok).collect();
             Some((&src.suite.cases[ci], images, controls))
@@ -359,6 +375,7 @@ impl CaseNumbers {
                 push(Metric::Clip, &v.label, Some(s.seed), Some(s.clip));
                 push(Metric::Identity, &v.label, Some(s.seed), s.identity);
                 push(Metric::WordOrder, &v.label, Some(s.seed), s.order_similarity);
+                push(Metric::Aesthetic, &v.label, Some(s.seed), s.aesthetic);
                 push(if leak_case { Metric::Leak } else { Metric::Effect }, &v.label, Some(s.seed), s.effect);
             }
             push(Metric::Diversity, &v.label, None, v.seed_similarity.map(|x| 1.0 - x));
@@ -367,7 +384,7 @@ impl CaseNumbers {
     }
 
     /// This run's measurements as a score baseline.
-    pub fn score_baseline(&self, suite: &Suite, case: &Case, cp: &CasePlan, src: &Sources, scorer: &str) -> ScoreBaseline {
+    pub fn score_baseline(&self, suite: &Suite, case: &Case, cp: &CasePlan, src: &Sources, scorers: &super::scoring::ScorerNames) -> ScoreBaseline {
         let mut variants = std::collections::BTreeMap::new();
         for v in &cp.variants {
             let Some(&j) = v.images.first() else { continue };
@@ -386,7 +403,8 @@ impl CaseNumbers {
         ScoreBaseline {
             suite: suite.name.to_string(),
             case: case.name.to_string(),
-            scorer: scorer.to_string(),
+            scorer: scorers.combined.clone(),
+            scorers: scorers.ids.clone(),
             variants,
             measurements: self.measurements(case.thresholds.leak.is_some()),
         }

@@ -23,7 +23,10 @@ use crate::baseline::{BaselineStore, ImageVerdict, UpdateMode};
 use crate::error::{Error, Result};
 use crate::names::SafeName;
 use crate::progress::Progress;
+use crate::model::aesthetic::AestheticModel;
 use crate::model::clip::ClipModel;
+use crate::model::runtime::ImageEncoder;
+use scoring::ScorerNames;
 use crate::score::clip::Scale;
 use crate::score::pixels::diff_heat_map;
 use crate::suite::expand::{CasePlan, expand};
@@ -79,6 +82,10 @@ pub struct CheckResult {
     /// What was measured against what limit, in words and numbers.
     pub message: String,
     pub metrics: Vec<(String, f64)>,
+    /// The model or measure the numbers come from (`tiny-clip`, a DINOv2 folder, `pixels`);
+    /// empty for checks that score nothing (`applied`, `images`).
+    #[serde(default)]
+    pub scorer: String,
 }
 
 impl CheckResult {
@@ -126,6 +133,11 @@ pub struct SuiteOutcome {
     pub suite: String,
     pub file: PathBuf,
     pub scorer: String,
+    /// The identity checks' scorer when it is not `scorer`, and the aesthetic predictor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_scorer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aesthetic_scorer: Option<String>,
     pub scale: Scale,
     pub results: Vec<CheckResult>,
     pub evidence: Vec<Evidence>,
@@ -152,6 +164,18 @@ pub struct SuiteOutcome {
 }
 
 impl SuiteOutcome {
+    /// The scorers in one line: `scorer tiny-clip (raw cosine); identity …; aesthetic …`.
+    pub fn scorers_line(&self) -> String {
+        let mut s = format!("scorer {} ({})", self.scorer, self.scale.describe());
+        if let Some(i) = &self.identity_scorer {
+            s.push_str(&format!("; identity {i}"));
+        }
+        if let Some(a) = &self.aesthetic_scorer {
+            s.push_str(&format!("; aesthetic {a}"));
+        }
+        s
+    }
+
     fn count(&self, f: impl Fn(Status) -> bool) -> usize {
         self.results.iter().filter(|r| f(r.status)).count()
     }
@@ -277,11 +301,21 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
 
     let t = Instant::now();
     let scorer = ClipModel::load(&suite.scorer.1, &opts.device)?;
-    let scorer_id = format!("{} {}", suite.scorer.0, &scorer.fingerprint()?[..16]);
+    let identity = suite.identity_scorer.as_ref().map(|(_, dir)| ImageEncoder::load(dir, &opts.device)).transpose()?;
+    let aesthetic = match &suite.aesthetic {
+        Some(a) => {
+            let predictor = AestheticModel::load(&a.predictor, &opts.device)?;
+            let clip = if a.clip.1 == suite.scorer.1 { None } else { Some(ClipModel::load(&a.clip.1, &opts.device)?) };
+            Some((predictor, clip))
+        }
+        None => None,
+    };
+    let scorers = scoring::Scorers { text: &scorer, identity: identity.as_ref(), aesthetic: aesthetic.as_ref().map(|(p, c)| (p, c.as_ref())) };
+    let names = ScorerNames::of(&suite, &scorers)?;
     let texts: Vec<String> = plan.cases.iter().flat_map(|c| c.variants.iter().map(|v| v.score_text.clone())).collect();
     let refs: Vec<PathBuf> = suite.cases.iter().flat_map(|c| c.references.clone()).collect();
-    let progress = if opts.progress { Progress::steps("scoring", plan.jobs.len() as u64) } else { Progress::hidden() };
-    let emb = scoring::embed_all(&scorer, &generation.outcomes, &texts, &refs, &progress)?;
+    let progress = if opts.progress { Progress::steps("scoring", plan.jobs.len() as u64 * scoring::passes(&scorers)) } else { Progress::hidden() };
+    let emb = scoring::embed_all(&scorers, &generation.outcomes, &texts, &refs, &progress)?;
     progress.finish();
     timings.score = t.elapsed().as_secs_f64();
 
@@ -335,7 +369,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         written.extend(images.written.iter().cloned());
         // Measurements: compared with the accepted ones; written for review when they are new
         // or when images of the case changed.
-        let candidate = numbers.score_baseline(&suite, case, cp, &src, &scorer_id);
+        let candidate = numbers.score_baseline(&suite, case, cp, &src, &names);
         produced.insert(BaselineStore::scores_key(case.name.as_str()));
         let regression = match store.scores(case.name.as_str()) {
             Ok(accepted) => {
@@ -344,7 +378,8 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
                     pooled.merge(crate::baseline::scores::pair(a, &candidate));
                     pooled_files.extend(verdicts::replaced_files(a, &candidate));
                 }
-                let current = accepted.as_ref().is_some_and(|a| a.scorer == candidate.scorer && a.variants == candidate.variants);
+                // Files from before per-metric scorers were recorded are rewritten once to name them.
+                let current = accepted.as_ref().is_some_and(|a| a.scorer == candidate.scorer && a.scorers == candidate.scorers && a.variants == candidate.variants);
                 if current && images.written.is_empty() {
                     store.remove_pending_scores(case.name.as_str());
                 } else if let Some(p) = store.write_scores(case.name.as_str(), &candidate)? {
@@ -373,6 +408,9 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         let changed = if pooled_files.is_empty() { String::new() } else { format!(" {}", verdicts::files_note(&pooled_files)) };
         results.push(verdicts::regression_of_pairs("all-cases", "regression", &pooled, suite.thresholds.regression, &changed));
     }
+    for r in &mut results {
+        r.scorer = names.of_check(&r.check);
+    }
     let worst: HashMap<&str, Status> = results.iter().fold(HashMap::new(), |mut m, r| {
         let e = m.entry(r.case.as_str()).or_insert(Status::Passed);
         *e = worse(*e, r.status);
@@ -387,6 +425,8 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         suite: suite.name.to_string(),
         file: suite.file.clone(),
         scorer: suite.scorer.0.clone(),
+        identity_scorer: (names.identity != names.text).then(|| names.identity.clone()),
+        aesthetic_scorer: names.aesthetic.clone(),
         scale: suite.cases.first().map(|c| c.thresholds.clip_scale).unwrap_or_default(),
         results,
         evidence,
@@ -431,7 +471,7 @@ fn prompt_scores_of(case: &crate::suite::Case, n: &measure::CaseNumbers) -> Vec<
 }
 
 fn rules_error(r: &verdicts::Rules, check: &str, message: String) -> CheckResult {
-    CheckResult { case: r.case.to_string(), check: check.into(), status: Status::Failed, message, metrics: vec![] }
+    CheckResult { case: r.case.to_string(), check: check.into(), status: Status::Failed, message, metrics: vec![], scorer: String::new() }
 }
 
 /// The more alarming of two statuses, for a case's colour in the report.
@@ -571,7 +611,7 @@ fn baseline_verdict(r: &verdicts::Rules, c: &ImageComparisons, policy: ChangedIm
         });
         parts.join(". ")
     };
-    let mut res = CheckResult { case: r.case.to_string(), check: "baseline".into(), status, message, metrics: vec![] };
+    let mut res = CheckResult { case: r.case.to_string(), check: "baseline".into(), status, message, metrics: vec![], scorer: String::new() };
     if let Some((s, _)) = &c.least_similar {
         res.metrics.push(("similarity_min".into(), *s));
     }
@@ -593,7 +633,7 @@ mod tests {
 
     #[test]
     fn known_failures_report_instead_of_failing_and_ask_for_review_once_they_pass() {
-        let r = |check: &str, status| CheckResult { case: "c".into(), check: check.into(), status, message: "m".into(), metrics: vec![] };
+        let r = |check: &str, status| CheckResult { case: "c".into(), check: check.into(), status, message: "m".into(), metrics: vec![], scorer: String::new() };
         let mut results = vec![r("per-seed", Status::Failed), r("identity", Status::Passed), r("clip@192x192", Status::Failed), r("control", Status::Failed)];
         let known = [
             crate::suite::KnownFailure { check: "per-seed".into(), reason: "seed 1 melts on white".into() },

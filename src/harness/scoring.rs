@@ -1,5 +1,6 @@
-//! CLIP embeddings of every generated image, every scored text and every reference image,
-//! computed once in batches so that checks only take dot products.
+//! Embeddings of every generated image, every scored text and every reference image, computed
+//! once in batches so that checks only take dot products: CLIP for text–image scores, the
+//! identity scorer (CLIP or DINOv2) for identity, and the aesthetic predictor's scores.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,13 +10,30 @@ use image::RgbImage;
 use super::generate::JobOutcome;
 use crate::error::Result;
 use crate::imageio::read_image;
+use crate::model::aesthetic::AestheticModel;
 use crate::model::clip::ClipModel;
+use crate::model::runtime::ImageEncoder;
+
+/// The models a run scores with.
+pub struct Scorers<'a> {
+    /// Text–image scores.
+    pub text: &'a ClipModel,
+    /// Identity embeddings; `None`: the text scorer's image embeddings.
+    pub identity: Option<&'a ImageEncoder>,
+    /// The aesthetic predictor and its CLIP model (`None`: the text scorer).
+    pub aesthetic: Option<(&'a AestheticModel, Option<&'a ClipModel>)>,
+}
 
 pub struct Embeddings {
-    /// Per job; `None` for jobs without an image.
+    /// Per job, the text scorer's image embedding; `None` for jobs without an image.
     pub images: Vec<Option<Vec<f32>>>,
+    /// Per job, the identity scorer's embedding, when it is another model than the text scorer.
+    identity_images: Option<Vec<Option<Vec<f32>>>>,
     pub texts: HashMap<String, Vec<f32>>,
+    /// Reference images in the identity scorer's space.
     pub references: HashMap<PathBuf, Vec<f32>>,
+    /// Per job, the aesthetic score (when the suite has the check).
+    pub aesthetic: Vec<Option<f64>>,
     pub warnings: Vec<String>,
 }
 
@@ -24,8 +42,14 @@ impl Embeddings {
         Some(dot(self.images[job].as_ref()?, self.texts.get(text)?))
     }
 
+    /// A job's embedding in the identity scorer's space.
+    pub fn identity(&self, job: usize) -> Option<&Vec<f32>> {
+        self.identity_images.as_ref().unwrap_or(&self.images)[job].as_ref()
+    }
+
+    /// Identity similarity of two jobs' images.
     pub fn image_image(&self, a: usize, b: usize) -> Option<f64> {
-        Some(dot(self.images[a].as_ref()?, self.images[b].as_ref()?))
+        Some(dot(self.identity(a)?, self.identity(b)?))
     }
 }
 
@@ -33,15 +57,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum()
 }
 
-/// Embeds everything the checks need. Images of different sizes are embedded in separate
-/// batches (the scorer resizes each to its own input size).
-pub fn embed_all(
-    scorer: &ClipModel,
-    outcomes: &[JobOutcome],
-    texts: &[String],
-    references: &[PathBuf],
-    progress: &crate::progress::Progress,
-) -> Result<Embeddings> {
+/// Embeds every image with `embed`: images of one size together, in batches (each scorer
+/// resizes to its own input size).
+fn embed_images(outcomes: &[JobOutcome], progress: &crate::progress::Progress, embed: impl Fn(&[RgbImage]) -> Result<Vec<Vec<f32>>>) -> Result<Vec<Option<Vec<f32>>>> {
     const BATCH: usize = 32;
     let mut images: Vec<Option<Vec<f32>>> = vec![None; outcomes.len()];
     let mut by_size: HashMap<(u32, u32), Vec<usize>> = HashMap::new();
@@ -55,29 +73,188 @@ pub fn embed_all(
     for (_, ids) in sizes {
         for chunk in ids.chunks(BATCH) {
             let batch: Vec<RgbImage> = chunk.iter().map(|&i| outcomes[i].image.clone().expect("filtered")).collect();
-            for (&i, e) in chunk.iter().zip(scorer.image_embedding_rows(&batch)?) {
+            for (&i, e) in chunk.iter().zip(embed(&batch)?) {
                 images[i] = Some(e);
             }
             progress.inc(chunk.len() as u64);
         }
     }
+    Ok(images)
+}
+
+/// How many passes over the images [`embed_all`] makes (for the progress bar).
+pub fn passes(scorers: &Scorers) -> u64 {
+    1 + scorers.identity.is_some() as u64 + scorers.aesthetic.is_some_and(|(_, clip)| clip.is_some()) as u64
+}
+
+/// Embeds everything the checks need.
+pub fn embed_all(scorers: &Scorers, outcomes: &[JobOutcome], texts: &[String], references: &[PathBuf], progress: &crate::progress::Progress) -> Result<Embeddings> {
+    let images = embed_images(outcomes, progress, |b| scorers.text.image_embedding_rows(b))?;
+    let identity_images = scorers.identity.map(|m| embed_images(outcomes, progress, |b| m.image_embedding_rows(b))).transpose()?;
+
     let mut unique: Vec<&str> = texts.iter().map(String::as_str).collect();
     unique.sort_unstable();
     unique.dedup();
     let mut text_map = HashMap::new();
-    for chunk in unique.chunks(BATCH) {
-        for (t, e) in chunk.iter().zip(scorer.text_embedding_rows(chunk)?) {
+    for chunk in unique.chunks(32) {
+        for (t, e) in chunk.iter().zip(scorers.text.text_embedding_rows(chunk)?) {
             text_map.insert(t.to_string(), e);
         }
     }
+
     let mut ref_map = HashMap::new();
     for r in references {
         if ref_map.contains_key(r) {
             continue;
         }
-        let img = read_image(r)?;
-        let e = scorer.image_embedding_rows(&[img])?.remove(0);
-        ref_map.insert(r.clone(), e);
+        let img = [read_image(r)?];
+        let e = match scorers.identity {
+            Some(m) => m.image_embedding_rows(&img)?,
+            None => scorers.text.image_embedding_rows(&img)?,
+        };
+        ref_map.insert(r.clone(), e.into_iter().next().expect("one image, one row"));
     }
-    Ok(Embeddings { images, texts: text_map, references: ref_map, warnings: scorer.take_warnings() })
+
+    let aesthetic = match scorers.aesthetic {
+        None => vec![None; outcomes.len()],
+        Some((predictor, clip)) => {
+            let own;
+            let rows = match clip {
+                Some(c) => {
+                    own = embed_images(outcomes, progress, |b| c.image_embedding_rows(b))?;
+                    &own
+                }
+                None => &images,
+            };
+            let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].is_some()).collect();
+            let embeddings: Vec<Vec<f32>> = present.iter().map(|&i| rows[i].clone().expect("present")).collect();
+            let mut out = vec![None; outcomes.len()];
+            for (i, s) in present.into_iter().zip(predictor.scores(&embeddings)?) {
+                out[i] = Some(s);
+            }
+            out
+        }
+    };
+    let warnings = scorers.text.take_warnings();
+    Ok(Embeddings { images, identity_images, texts: text_map, references: ref_map, aesthetic, warnings })
+}
+
+/// Which model measured what. Every check result names its scorer (JUnit, the report), and
+/// score baselines keep the scorer of every metric with its content fingerprint, so numbers
+/// of another model are never compared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScorerNames {
+    /// As the suite wrote them: the CLIP scorer, the identity scorer, the aesthetic predictor.
+    pub text: String,
+    pub identity: String,
+    pub aesthetic: Option<String>,
+    /// Per score-baseline metric (`clip`, `identity`, ...), the scorer and its fingerprint.
+    pub ids: std::collections::BTreeMap<String, String>,
+    /// One line for the score baselines' `scorer`: the text scorer's id, then any other scorer.
+    pub combined: String,
+}
+
+/// What checks measured with their own eyes rather than a model.
+pub const PIXELS: &str = "pixels";
+
+impl ScorerNames {
+    pub fn of(suite: &crate::suite::Suite, scorers: &Scorers) -> Result<Self> {
+        use crate::baseline::scores::Metric;
+        let short = |fp: String| fp.chars().take(16).collect::<String>();
+        let text = suite.scorer.0.clone();
+        let text_id = format!("{text} {}", short(scorers.text.fingerprint()?));
+        let (identity, identity_id) = match (&suite.identity_scorer, scorers.identity) {
+            (Some((arg, _)), Some(m)) => {
+                let kind = if matches!(m, ImageEncoder::Dinov2(_)) { "DINOv2" } else { "CLIP" };
+                (format!("{arg} ({kind})"), format!("{arg} {}", short(m.fingerprint()?)))
+            }
+            _ => (text.clone(), text_id.clone()),
+        };
+        let (aesthetic, aesthetic_id) = match (&suite.aesthetic, scorers.aesthetic) {
+            (Some(spec), Some((p, _))) => {
+                let file = spec.predictor.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+                (Some(format!("{file} on {}", spec.clip.0)), Some(format!("{file} {} on {}", short(p.fingerprint()?), spec.clip.0)))
+            }
+            _ => (None, None),
+        };
+        let mut combined = text_id.clone();
+        if identity_id != text_id {
+            combined.push_str(&format!(" · identity {identity_id}"));
+        }
+        if let Some(a) = &aesthetic_id {
+            combined.push_str(&format!(" · aesthetic {a}"));
+        }
+        let ids = Metric::ALL
+            .iter()
+            .filter_map(|m| {
+                let id = match m {
+                    Metric::Clip => text_id.clone(),
+                    Metric::Identity => identity_id.clone(),
+                    Metric::Aesthetic => aesthetic_id.clone()?,
+                    Metric::WordOrder | Metric::Effect | Metric::Leak | Metric::Diversity => PIXELS.to_string(),
+                };
+                Some((m.name().to_string(), id))
+            })
+            .collect();
+        Ok(ScorerNames { text, identity, aesthetic, ids, combined })
+    }
+
+    /// The scorer a check's numbers come from, by the check's kind.
+    pub fn of_check(&self, check: &str) -> String {
+        match check.split(['/', '@']).next().unwrap_or(check) {
+            "clip" | "per-seed" | "control" | "sweep" | "bisect" => self.text.clone(),
+            "identity" | "identity-group" => self.identity.clone(),
+            "aesthetic" => self.aesthetic.clone().unwrap_or_default(),
+            "stack" => format!("{PIXELS}; look: {}", self.identity),
+            "effect" | "leak" | "word-order" | "diversity" | "baseline" | "sweep-zero" | "sanity" => PIXELS.to_string(),
+            "regression" => {
+                let mut all = vec![self.text.clone()];
+                all.extend([self.identity.clone()].into_iter().chain(self.aesthetic.clone()).filter(|s| *s != self.text));
+                all.push(PIXELS.into());
+                all.join(", ")
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_check_names_the_scorer_its_numbers_come_from() {
+        let names = ScorerNames {
+            text: "tiny-clip".into(),
+            identity: "dinov2-base (DINOv2)".into(),
+            aesthetic: Some("laion.safetensors on clip-l".into()),
+            ids: Default::default(),
+            combined: String::new(),
+        };
+        for (check, want) in [
+            ("clip", "tiny-clip"),
+            ("clip@192x192", "tiny-clip"),
+            ("control", "tiny-clip"),
+            ("per-seed", "tiny-clip"),
+            ("sweep", "tiny-clip"),
+            ("bisect", "tiny-clip"),
+            ("identity", "dinov2-base (DINOv2)"),
+            ("identity-group/zorb", "dinov2-base (DINOv2)"),
+            ("aesthetic", "laion.safetensors on clip-l"),
+            ("stack", "pixels; look: dinov2-base (DINOv2)"),
+            ("effect", "pixels"),
+            ("word-order", "pixels"),
+            ("baseline", "pixels"),
+            ("regression", "tiny-clip, dinov2-base (DINOv2), laion.safetensors on clip-l, pixels"),
+            ("applied@tiny", ""),
+            ("images", ""),
+        ] {
+            assert_eq!(names.of_check(check), want, "{check}");
+        }
+        // Every check kind a suite can name is mapped (a new kind must say its scorer).
+        for kind in crate::suite::CHECK_KINDS {
+            let known = ["applied", "images"].contains(kind) || !names.of_check(kind).is_empty();
+            assert!(known, "check kind `{kind}` names no scorer");
+        }
+    }
 }

@@ -60,7 +60,7 @@ impl<'a> Rules<'a> {
     }
 
     fn result(&self, check: &str, status: Status, message: String) -> CheckResult {
-        CheckResult { case: self.case.to_string(), check: check.to_string(), status, message, metrics: Vec::new() }
+        CheckResult { case: self.case.to_string(), check: check.to_string(), status, message, metrics: Vec::new(), scorer: String::new() }
     }
 
     /// A raw cosine in the suite's scale.
@@ -121,6 +121,9 @@ pub fn case_verdicts(r: &Rules, n: &CaseNumbers) -> Vec<CheckResult> {
     }
     if n.references > 0 {
         out.push(identity(r, n));
+    }
+    if let Some(a) = aesthetic(r, &n.variants) {
+        out.push(a);
     }
     if let Some(d) = diversity(r, &n.variants) {
         out.push(d);
@@ -416,15 +419,21 @@ pub fn control_and_effect(r: &Rules, variants: &[VariantNumbers]) -> Vec<CheckRe
     vec![c, e]
 }
 
-/// CLIP image–image cosine to the references: an absolute floor, and no worse than the base
-/// model by more than the margin.
+/// Image–image cosine (of the identity scorer) to the references: an absolute floor, and no
+/// worse than the base model by more than the margin. With several references it names the
+/// nearest.
 pub fn identity(r: &Rules, n: &CaseNumbers) -> CheckResult {
     let t = r.t;
     let lora: Vec<f64> = n.variants.iter().flat_map(|v| v.seeds.iter().filter_map(|s| s.identity)).collect();
     let base: Vec<f64> = n.variants.iter().flat_map(|v| v.seeds.iter().filter_map(|s| s.identity_control)).collect();
     let m = mean(&lora);
     let min = lora.iter().copied().fold(f64::INFINITY, f64::min);
-    let head = format!("CLIP image–image cosine to {} reference images: mean {m:.3}, min {min:.3} (floor {:.3})", n.references, t.identity);
+    let nearest = n.reference_means.iter().max_by(|a, b| a.1.total_cmp(&b.1));
+    let nearest_note = match nearest {
+        Some((name, v)) if n.reference_means.len() > 1 => format!("; nearest reference {name} ({v:.3})"),
+        _ => String::new(),
+    };
+    let head = format!("image–image cosine to {} reference images: mean {m:.3}, min {min:.3} (floor {:.3}){nearest_note}", n.references, t.identity);
     let mut res = if base.is_empty() {
         r.result("identity", pass_if(m >= t.identity), head)
     } else {
@@ -436,7 +445,40 @@ pub fn identity(r: &Rules, n: &CaseNumbers) -> CheckResult {
         res
     };
     res.metrics.splice(0..0, [("identity_mean".into(), m), ("identity_min".into(), min)]);
+    if let Some((_, v)) = nearest {
+        res.metrics.push(("identity_nearest_reference".into(), *v));
+    }
     res
+}
+
+/// The aesthetic predictor's score: each variant's mean over its seeds above the floor (when
+/// one is set), and no lower than the no-LoRA control's by more than `aesthetic_drop`.
+pub fn aesthetic(r: &Rules, variants: &[VariantNumbers]) -> Option<CheckResult> {
+    let t = r.t;
+    let mut scored = Vec::new();
+    for v in variants {
+        let lora: Vec<f64> = v.seeds.iter().filter_map(|s| s.aesthetic).collect();
+        if lora.is_empty() || lora.len() != v.seeds.len() {
+            continue;
+        }
+        let control: Vec<f64> = v.seeds.iter().filter_map(|s| s.aesthetic_control).collect();
+        scored.push((v.label.as_str(), mean(&lora), (control.len() == lora.len()).then(|| mean(&control))));
+    }
+    let (low_label, low, _) = *scored.iter().min_by(|a, b| a.1.total_cmp(&b.1))?;
+    let drop = scored.iter().filter_map(|&(l, s, c)| Some((l, c? - s, s, c?))).max_by(|a, b| a.1.total_cmp(&b.1));
+    let below = t.aesthetic_floor.is_some_and(|f| low < f);
+    let dropped = drop.is_some_and(|d| d.1 > t.aesthetic_drop);
+    let floor = t.aesthetic_floor.map(|f| format!("floor {f:.2}")).unwrap_or_else(|| "no floor".into());
+    let drop_text = match drop {
+        Some((l, d, s, c)) => format!("largest drop against the no-LoRA control {:.2} ({l}: {s:.2} with the LoRA vs {c:.2} without; allowed {:.2})", d.max(0.0), t.aesthetic_drop),
+        None => "no control to compare with".into(),
+    };
+    let mut res = r.result("aesthetic", pass_if(!below && !dropped), format!("aesthetic score: lowest variant mean {low:.2} ({low_label}; {floor}); {drop_text}"));
+    res.metrics.push(("aesthetic_min".into(), low));
+    if let Some((_, d, _, _)) = drop {
+        res.metrics.push(("aesthetic_drop".into(), d));
+    }
+    Some(res)
 }
 
 /// Collapse: the LoRA must keep a share of the base model's seed-to-seed variety.
@@ -511,11 +553,11 @@ pub fn stack(r: &Rules, s: &StackNumbers) -> CheckResult {
 /// than the base model's images of the same cases by more than the margin.
 pub fn identity_group(g: &GroupNumbers) -> CheckResult {
     let name = format!("identity-group/{}", g.name);
-    let result = |status, message: String| CheckResult { case: g.name.clone(), check: name.clone(), status, message, metrics: Vec::new() };
+    let result = |status, message: String| CheckResult { case: g.name.clone(), check: name.clone(), status, message, metrics: Vec::new(), scorer: String::new() };
     let Some((a, b, lowest)) = &g.lowest else {
         return result(Status::Skipped, "no images to compare".into());
     };
-    let head = format!("CLIP image–image cosine between the cases {}: lowest pair {a} vs {b} at {lowest:.3} (floor {:.3})", g.cases.join(", "), g.floor);
+    let head = format!("image–image cosine between the cases {}: lowest pair {a} vs {b} at {lowest:.3} (floor {:.3})", g.cases.join(", "), g.floor);
     let mut res = match g.lowest_control {
         None => result(pass_if(*lowest >= g.floor), head),
         Some(c) => {
@@ -595,7 +637,7 @@ pub fn regression_of_pairs(case: &str, check: &str, pairing: &Pairing, tol: f64,
     } else {
         (Status::Failed, format!("significantly worse than accepted{changed} (tolerance {tol}, p < {ALPHA}): {}{unpaired}", worse.join("; ")))
     };
-    CheckResult { case: case.to_string(), check: check.to_string(), status, message, metrics }
+    CheckResult { case: case.to_string(), check: check.to_string(), status, message, metrics, scorer: String::new() }
 }
 
 #[cfg(test)]
@@ -620,7 +662,7 @@ mod tests {
     }
 
     fn case(variants: Vec<VariantNumbers>) -> CaseNumbers {
-        CaseNumbers { case: "c".into(), applied: vec![], refused: vec![], variants, broken: vec![], images: 2, references: 0, stack: None }
+        CaseNumbers { case: "c".into(), applied: vec![], refused: vec![], variants, broken: vec![], images: 2, references: 0, reference_means: vec![], stack: None }
     }
 
     fn status(results: &[CheckResult], check: &str) -> Status {
@@ -790,6 +832,37 @@ mod tests {
     }
 
     #[test]
+    fn identity_names_the_nearest_of_several_references() {
+        let t = Thresholds { identity: 0.25, ..Default::default() };
+        let s = SeedNumbers { identity: Some(0.6), ..seed(0, 0.4) };
+        let means = vec![("front.png".to_string(), 0.52), ("side.png".to_string(), 0.71), ("back.png".to_string(), 0.57)];
+        let n = CaseNumbers { references: 3, reference_means: means, ..case(vec![variant("main", vec![s])]) };
+        let res = identity(&rules(&t, Kind::Single), &n);
+        assert!(res.message.contains("mean 0.600") && res.message.contains("nearest reference side.png (0.710)"), "{}", res.message);
+        assert!(res.metrics.iter().any(|(k, v)| k == "identity_nearest_reference" && (*v - 0.71).abs() < 1e-12));
+    }
+
+    #[test]
+    fn aesthetic_fails_under_its_floor_or_behind_the_control() {
+        let s = |a: f64, c: f64| SeedNumbers { aesthetic: Some(a), aesthetic_control: Some(c), ..seed(0, 0.4) };
+        let v = |a: f64, c: f64| variant("main", vec![s(a, c), s(a + 0.2, c)]);
+        // No floor: only the drop against the control counts.
+        let t = Thresholds { aesthetic_floor: None, aesthetic_drop: 0.5, ..Default::default() };
+        let ok = aesthetic(&rules(&t, Kind::Single), &[v(5.0, 5.2)]).unwrap();
+        assert_eq!(ok.status, Status::Passed, "{}", ok.message);
+        let dropped = aesthetic(&rules(&t, Kind::Single), &[v(4.0, 5.5)]).unwrap();
+        assert_eq!(dropped.status, Status::Failed);
+        assert!(dropped.message.contains("4.10 with the LoRA vs 5.50 without"), "{}", dropped.message);
+        // A floor fails the lowest variant even when the control is as bad.
+        let t = Thresholds { aesthetic_floor: Some(4.5), aesthetic_drop: 0.5, ..Default::default() };
+        let low = aesthetic(&rules(&t, Kind::Single), &[v(6.0, 6.0), VariantNumbers { label: "night".into(), ..v(4.0, 4.0) }]).unwrap();
+        assert_eq!(low.status, Status::Failed);
+        assert!(low.message.contains("lowest variant mean 4.10 (night; floor 4.50)"), "{}", low.message);
+        // Without scores (no predictor in the suite) there is no check.
+        assert!(aesthetic(&rules(&t, Kind::Single), &[variant("main", vec![seed(0, 0.4)])]).is_none());
+    }
+
+    #[test]
     fn diversity_catches_a_collapsed_lora() {
         let t = Thresholds { diversity: 0.5, ..Default::default() };
         let v = |lora: f64, base: f64| VariantNumbers { seed_similarity: Some(lora), seed_similarity_control: Some(base), ..variant("main", vec![seed(0, 0.4), seed(1, 0.4)]) };
@@ -829,6 +902,7 @@ mod tests {
             suite: "s".into(),
             case: "c".into(),
             scorer: "tiny-clip".into(),
+            scorers: Default::default(),
             variants,
             measurements: values.iter().enumerate().map(|(i, v)| Measurement { metric: Metric::Clip, variant: "main".into(), seed: Some(i as u64), value: *v }).collect(),
         }

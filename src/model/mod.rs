@@ -6,12 +6,13 @@
 //!   registry of layers that LoRAs patch, the seeded [`noise`] that makes a seed mean the same
 //!   image everywhere);
 //! - [`arch`]: the architectures ([`unet`], [`vae`], [`text_encoder`], [`scheduler`]s, the CLIP
-//!   towers in [`arch::clip`]);
+//!   towers in [`arch::clip`], the DINOv2 encoder in [`arch::dinov2`], the LAION aesthetic MLP
+//!   in [`arch::aesthetic`]);
 //! - [`formats`]: where weights come from ([`locate`] a model from what a user wrote, diffusers
 //!   folders via [`loading`], A1111/ComfyUI [`single_file`]s and their [`ldm`] key names, the CLIP
 //!   [`tokenizer`] files);
-//! - [`runtime`]: running a model (the generation [`pipeline`], the [`clip`] model scorers embed
-//!   with).
+//! - [`runtime`]: running a model (the generation [`pipeline`]; the scorers: the [`clip`] model
+//!   for text and images, [`dino`] for identity, the [`aesthetic`] predictor).
 //!
 //! The modules are re-exported here by name (`crate::model::unet`), so a path says what a thing
 //! is, not which layer folder holds it.
@@ -22,9 +23,9 @@ pub mod ops;
 pub mod runtime;
 
 pub use arch::{scheduler, text_encoder, unet, vae};
-pub use formats::{ldm, ldm_config, loading, locate, single_file, tokenizer};
+pub use formats::{folder_writer, ldm, ldm_config, loading, locate, single_file, tokenizer};
 pub use ops::{adapters, conv, fused, kernels, nn, noise, params, resize};
-pub use runtime::{clip, pipeline};
+pub use runtime::{aesthetic, bench, clip, dino, pipeline};
 
 use std::fmt;
 

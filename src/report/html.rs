@@ -54,6 +54,7 @@ table.matrix td,table.matrix th{border:1px solid #ddd;padding:3px 8px;text-align
 table.checks{border-collapse:collapse;width:100%;margin-bottom:8px}
 table.checks td{padding:3px 6px;border-top:1px solid #eee;vertical-align:top}
 td.st{width:60px;font-weight:600}
+td.by{color:#888;font-size:12px;white-space:nowrap}
 .pass{color:#2e9d57}.fail{color:#d33}.skip{color:#888}.review{color:#b07d00}
 .shots{display:flex;flex-wrap:wrap;gap:14px}
 .shot{font-size:12px}
@@ -130,11 +131,12 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
             for r in checks {
                 let _ = write!(
                     body,
-                    "<tr><td class=\"st {}\">{}</td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td class=\"st {}\">{}</td><td>{}</td><td>{}</td><td class=\"by\">{}</td></tr>",
                     status_class(r.status),
                     status_word(r.status),
                     esc(&r.check),
-                    esc(&r.message)
+                    esc(&r.message),
+                    esc(&r.scorer)
                 );
             }
             body.push_str("</table>");
@@ -155,7 +157,7 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
         html,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>loragate · {} {verdict}</title><style>{STYLE}</style></head><body>\
 <header><h1>loragate · {} — {verdict}</h1><div class=\"summary\"><span class=\"pass\">{} passed</span><span class=\"review\">{} to review</span><span class=\"fail\">{} failed</span><span>{} known failures</span><span>{} skipped</span>\
-<span>{} images ({} generated, {} cached)</span><span>scorer {} ({})</span><span>{}-{}</span></div>\
+<span>{} images ({} generated, {} cached)</span><span>{}</span><span>{}-{}</span></div>\
 <div class=\"controls\"><input id=\"q\" type=\"search\" placeholder=\"filter cases and checks…\"> <label><input id=\"failed\" type=\"checkbox\"> failed and to review only</label></div></header>\
 <main>{worst}{body}</main><script>{SCRIPT}</script></body></html>",
         esc(&o.suite),
@@ -168,8 +170,7 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
         o.images_total,
         o.generated,
         o.cached,
-        esc(&o.scorer),
-        o.scale.describe(),
+        esc(&o.scorers_line()),
         o.device,
         o.dtype
     );

@@ -14,6 +14,12 @@ pub fn to_junit(outcome: &SuiteOutcome) -> Result<String> {
     let mut ts = TestSuite::new(outcome.suite.clone());
     ts.add_property(("suite_file", outcome.file.display().to_string().as_str()));
     ts.add_property(("scorer", outcome.scorer.as_str()));
+    if let Some(s) = &outcome.identity_scorer {
+        ts.add_property(("identity_scorer", s.as_str()));
+    }
+    if let Some(s) = &outcome.aesthetic_scorer {
+        ts.add_property(("aesthetic_scorer", s.as_str()));
+    }
     ts.add_property(("clip_scale", outcome.scale.describe()));
     ts.add_property(("device", format!("{}-{}", outcome.device, outcome.dtype).as_str()));
     let t = &outcome.timings;
@@ -53,6 +59,12 @@ pub fn to_junit(outcome: &SuiteOutcome) -> Result<String> {
         // Metrics go to system-out: the JUnit schema CI systems validate against has no
         // properties on test cases.
         let mut out = if r.status == Status::Passed { r.message.clone() } else { String::new() };
+        if !r.scorer.is_empty() {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("scorer={}", r.scorer));
+        }
         if !r.metrics.is_empty() {
             let m: Vec<String> = r.metrics.iter().map(|(k, v)| format!("{k}={v:.6}")).collect();
             if !out.is_empty() {

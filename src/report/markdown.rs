@@ -35,7 +35,8 @@ fn list(s: &mut String, title: &str, rows: &[&CheckResult]) {
     }
     let _ = writeln!(s, "### {title} ({})\n", rows.len());
     for r in rows {
-        let _ = writeln!(s, "- {} **{} · {}** — {}", icon(r.status), r.case, r.check, escape(&r.message));
+        let by = if r.scorer.is_empty() { String::new() } else { format!(" _({})_", escape(&r.scorer)) };
+        let _ = writeln!(s, "- {} **{} · {}** — {}{by}", icon(r.status), r.case, r.check, escape(&r.message));
     }
     let _ = writeln!(s);
 }
@@ -45,7 +46,7 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
     let _ = writeln!(s, "## loragate · `{}` {}\n", o.suite, verdict(o));
     let _ = writeln!(
         s,
-        "**{}** passed · **{}** to review · **{}** failed · **{}** known failures · **{}** skipped — {} images ({} generated, {} cached) · scorer `{}` ({}) · {}-{}\n",
+        "**{}** passed · **{}** to review · **{}** failed · **{}** known failures · **{}** skipped — {} images ({} generated, {} cached) · {} · {}-{}\n",
         o.passed(),
         o.to_review(),
         o.failed(),
@@ -54,8 +55,7 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
         o.images_total,
         o.generated,
         o.cached,
-        o.scorer,
-        o.scale.describe(),
+        o.scorers_line(),
         o.device,
         o.dtype
     );
@@ -76,9 +76,9 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
     }
     let rest = of(|st| matches!(st, Status::Passed | Status::Skipped));
     let _ = writeln!(s, "<details><summary>Passed ({})</summary>\n", rest.len());
-    let _ = writeln!(s, "| | case | check | result |\n|---|---|---|---|");
+    let _ = writeln!(s, "| | case | check | result | scored by |\n|---|---|---|---|---|");
     for r in rest {
-        let _ = writeln!(s, "| {} | {} | {} | {} |", icon(r.status), escape(&r.case), escape(&r.check), escape(&r.message));
+        let _ = writeln!(s, "| {} | {} | {} | {} | {} |", icon(r.status), escape(&r.case), escape(&r.check), escape(&r.message), escape(&r.scorer));
     }
     let _ = writeln!(s, "\n</details>\n");
     for (case, m) in &o.stacks {

@@ -29,12 +29,22 @@ pub struct Suite {
     pub description: Option<String>,
     /// The scorer argument as written and its resolved folder.
     pub scorer: (String, PathBuf),
+    /// The identity checks' image encoder as written and its folder (`None`: the CLIP scorer).
+    pub identity_scorer: Option<(String, PathBuf)>,
+    pub aesthetic: Option<AestheticSpec>,
     pub loras: Vec<SuiteLora>,
     pub cases: Vec<Case>,
     pub identity_groups: Vec<IdentityGroup>,
     pub policy: Policy,
     /// The suite-wide thresholds (cases may override them).
     pub thresholds: Thresholds,
+}
+
+/// The aesthetic check's predictor file and its CLIP model (as written, and the folder).
+#[derive(Debug, Clone)]
+pub struct AestheticSpec {
+    pub predictor: PathBuf,
+    pub clip: (String, PathBuf),
 }
 
 /// What to do when something cannot run as asked, or changed.
@@ -96,6 +106,8 @@ pub struct Thresholds {
     pub leak: Option<f64>,
     pub word_order: f64,
     pub identity: f64,
+    pub aesthetic_floor: Option<f64>,
+    pub aesthetic_drop: f64,
     pub baseline: f64,
     pub sweep_zero: f64,
     pub blank: f64,
@@ -125,6 +137,8 @@ impl Default for Thresholds {
             leak: None,
             word_order: 0.85,
             identity: 0.8,
+            aesthetic_floor: None,
+            aesthetic_drop: 0.5,
             baseline: 0.98,
             sweep_zero: 0.5 / 255.0,
             blank: 0.02,
@@ -210,7 +224,7 @@ impl KnownFailure {
 /// The checks a case can have, by the name before any `/` or `@` (for validating
 /// `known_failures`).
 pub const CHECK_KINDS: &[&str] = &[
-    "applied", "sanity", "images", "clip", "per-seed", "control", "effect", "leak", "word-order", "identity", "diversity", "sweep", "sweep-zero",
+    "applied", "sanity", "images", "clip", "per-seed", "control", "effect", "leak", "word-order", "identity", "aesthetic", "diversity", "sweep", "sweep-zero",
     "bisect", "stack", "regression", "baseline",
 ];
 

@@ -28,6 +28,16 @@ pub struct RawSuite {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub scorer: Option<Spanned<String>>,
+    /// Image encoder of the identity checks (identity, identity groups, stacking): a DINOv2
+    /// (`Dinov2Model`) or CLIP folder, or a cached hub id such as `facebook/dinov2-base`.
+    /// Default: the CLIP `scorer`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub identity_scorer: Option<Spanned<String>>,
+    /// The `aesthetic` check: a LAION-style aesthetic predictor on CLIP image embeddings.
+    #[serde(default)]
+    #[schemars(with = "Option<RawAesthetic>")]
+    pub aesthetic: Option<Spanned<RawAesthetic>>,
     /// The LoRAs cases refer to by name.
     #[serde(default)]
     pub loras: Vec<RawLora>,
@@ -61,6 +71,18 @@ pub struct RawModelFile {
     /// relative to the suite file.
     #[serde(default)]
     pub config: Option<String>,
+}
+
+/// The aesthetic predictor and the CLIP model whose image embeddings it reads.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawAesthetic {
+    /// The predictor as .safetensors (`layers.{0,2,4,6,7}`), relative to the suite file.
+    pub predictor: String,
+    /// Its CLIP model (the published predictor reads ViT-L/14): a folder or a cached hub id.
+    /// Default: the suite's `scorer`.
+    #[serde(default)]
+    pub clip: Option<String>,
 }
 
 /// A LoRA file and how it is used.
@@ -151,9 +173,17 @@ pub struct RawThresholds {
     /// Smallest image similarity (0–1) between tag-order permutations.
     #[serde(default)]
     pub word_order: Option<f64>,
-    /// Smallest CLIP image–image cosine to identity references / within identity groups.
+    /// Smallest image–image cosine (of the `identity_scorer`) to identity references / within
+    /// identity groups.
     #[serde(default)]
     pub identity: Option<f64>,
+    /// Smallest mean aesthetic score of a variant's images (the predictor's own scale: about
+    /// 1–10 for the published weights). Default: none, only the drop is checked.
+    #[serde(default)]
+    pub aesthetic_floor: Option<f64>,
+    /// Largest drop of the mean aesthetic score against the no-LoRA control (default 0.5).
+    #[serde(default)]
+    pub aesthetic_drop: Option<f64>,
     /// Smallest similarity (0–1) to the stored baseline image.
     #[serde(default)]
     pub baseline: Option<f64>,
@@ -284,7 +314,8 @@ pub struct RawCase {
     #[serde(default)]
     #[schemars(with = "Option<RawStack>")]
     pub stack: Option<Spanned<RawStack>>,
-    /// Reference images the LoRA's character must match (paths relative to the suite file).
+    /// Reference images the LoRA's character must match: image files or folders of images
+    /// (held-out training images, approved renders), relative to the suite file.
     #[serde(default)]
     #[schemars(with = "Option<Vec<String>>")]
     pub references: Option<Vec<Spanned<String>>>,

@@ -184,6 +184,8 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
         leak: raw.leak.or(base.leak),
         word_order: raw.word_order.unwrap_or(base.word_order),
         identity: raw.identity.unwrap_or(base.identity),
+        aesthetic_floor: raw.aesthetic_floor.or(base.aesthetic_floor),
+        aesthetic_drop: raw.aesthetic_drop.unwrap_or(base.aesthetic_drop),
         baseline: raw.baseline.unwrap_or(base.baseline),
         sweep_zero: raw.sweep_zero.unwrap_or(base.sweep_zero),
         blank: raw.blank.unwrap_or(base.blank),
@@ -193,6 +195,50 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
         stack_loss: raw.stack_loss.unwrap_or(base.stack_loss),
         regression: raw.regression.unwrap_or(base.regression),
     }
+}
+
+/// A scorer named in the suite (relative to it, a cached hub id, or `tiny-clip`) → its folder.
+fn resolve_scorer_arg(ctx: &Ctx, arg: &Spanned<String>, what: &str) -> Result<PathBuf> {
+    let written = arg.value.as_str();
+    let path = if written == crate::model::locate::BUILTIN_SCORER { written.to_string() } else { ctx.path(written).to_string_lossy().into_owned() };
+    resolve_scorer(&path).map_err(|e| ctx.err(arg, format!("{what}: {e}"), Some("use `tiny-clip`, a model folder relative to the suite, or a cached hub id".into())))
+}
+
+/// The identity checks' image encoder: a DINOv2 or CLIP folder.
+fn resolve_image_scorer(ctx: &Ctx, arg: &Spanned<String>) -> Result<(String, PathBuf)> {
+    let dir = resolve_scorer_arg(ctx, arg, "identity_scorer")?;
+    crate::model::locate::scorer_kind(&dir).map_err(|e| ctx.err(arg, format!("identity_scorer: {e}"), None))?;
+    Ok((arg.value.clone(), dir))
+}
+
+/// The aesthetic predictor, checked now (layout, and that it reads its CLIP model's width) so a
+/// mismatch stops the run before anything is generated.
+fn resolve_aesthetic(ctx: &Ctx, a: &Spanned<raw::RawAesthetic>, scorer: &(String, PathBuf)) -> Result<crate::suite::AestheticSpec> {
+    let predictor = ctx.path(&a.value.predictor);
+    if !predictor.is_file() {
+        return Err(ctx.err(a, format!("aesthetic predictor `{}` not found (looked at {})", a.value.predictor, predictor.display()), Some("paths are relative to the suite file".into())));
+    }
+    let model = crate::model::aesthetic::AestheticModel::load(&predictor, &crate::device::Device::Cpu).map_err(|e| ctx.err(a, e.to_string(), None))?;
+    let clip = match &a.value.clip {
+        Some(c) => {
+            let spanned = Spanned { value: c.clone(), referenced: a.referenced, defined: a.defined };
+            (c.clone(), resolve_scorer_arg(ctx, &spanned, "aesthetic clip")?)
+        }
+        None => scorer.clone(),
+    };
+    if crate::model::locate::scorer_kind(&clip.1).map_err(|e| ctx.err(a, format!("aesthetic clip: {e}"), None))? != crate::model::locate::ScorerKind::Clip {
+        return Err(ctx.err(a, format!("aesthetic clip `{}` is not a CLIP model: the predictor reads CLIP image embeddings", clip.0), None));
+    }
+    let config: serde_json::Value = crate::model::loading::read_config(&clip.1.join("config.json"))?;
+    let width = config["projection_dim"].as_u64().unwrap_or(512) as usize;
+    if width != model.input_width() {
+        return Err(ctx.err(
+            a,
+            format!("the aesthetic predictor reads {}-wide CLIP embeddings but `{}` gives {width}", model.input_width(), clip.0),
+            Some("set `clip:` to the CLIP model the predictor was trained on (ViT-L/14 for the published one)".into()),
+        ));
+    }
+    Ok(crate::suite::AestheticSpec { predictor, clip })
 }
 
 fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
@@ -221,6 +267,11 @@ fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
                 format!("threshold `{name}` is {v} as a raw cosine, outside [-1, 1]"),
                 Some("if the value is in another scale, set `clip_scale: torchmetrics` (100×) or `clipscore` (2.5×)".into()),
             ));
+        }
+    }
+    for (name, v) in t.aesthetic_floor.map(|v| ("aesthetic_floor", v)).into_iter().chain([("aesthetic_drop", t.aesthetic_drop)]) {
+        if !v.is_finite() || (name == "aesthetic_drop" && v < 0.0) {
+            return Err(ctx.err_at(line, 1, format!("threshold `{name}` is {v}; it must be a finite number{}", if name == "aesthetic_drop" { " of at least 0" } else { "" }), None));
         }
     }
     if !(0.0..=2.0).contains(&t.control_drop) {
@@ -349,13 +400,19 @@ fn permutations(ctx: &Ctx, prompt: &str, spec: &Spanned<raw::RawWordOrder>) -> R
 fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
     let name = suite_name(ctx, &raw)?;
     let scorer_arg = raw.scorer.as_ref().map(|s| s.value.clone()).unwrap_or_else(|| crate::model::locate::BUILTIN_SCORER.into());
-    let scorer_path = {
-        let arg = if scorer_arg == crate::model::locate::BUILTIN_SCORER { scorer_arg.clone() } else { ctx.path(&scorer_arg).to_string_lossy().into_owned() };
-        resolve_scorer(&arg).map_err(|e| match &raw.scorer {
-            Some(s) => ctx.err(s, e.to_string(), Some("use `tiny-clip` or a CLIPModel folder relative to the suite".into())),
-            None => ctx.err_at(1, 1, e.to_string(), None),
-        })?
+    let scorer_path = match &raw.scorer {
+        Some(s) => {
+            let dir = resolve_scorer_arg(ctx, s, "scorer")?;
+            if crate::model::locate::scorer_kind(&dir).map_err(|e| ctx.err(s, format!("scorer: {e}"), None))? != crate::model::locate::ScorerKind::Clip {
+                return Err(ctx.err(s, format!("scorer `{}` is not a CLIP model: the text–image checks need one", s.value), Some("DINOv2 reads no text; name it as `identity_scorer`".into())));
+            }
+            dir
+        }
+        None => resolve_scorer(&scorer_arg).map_err(|e| ctx.err_at(1, 1, e.to_string(), None))?,
     };
+
+    let identity_scorer = raw.identity_scorer.as_ref().map(|s| resolve_image_scorer(ctx, s)).transpose()?;
+    let aesthetic = raw.aesthetic.as_ref().map(|a| resolve_aesthetic(ctx, a, &(scorer_arg.clone(), scorer_path.clone()))).transpose()?;
 
     // LoRAs: names unique, files readable and valid.
     let mut loras: Vec<SuiteLora> = Vec::new();
@@ -457,6 +514,8 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         file: ctx.file.to_path_buf(),
         description: raw.description.clone(),
         scorer: (scorer_arg, scorer_path),
+        identity_scorer,
+        aesthetic,
         loras,
         cases,
         identity_groups,
@@ -602,23 +661,38 @@ fn resolve_case(
     } else {
         Variant::Single
     };
-    let references = match &rc.references {
-        Some(list) => list
-            .iter()
-            .map(|r| {
-                let p = ctx.path(&r.value);
-                if !p.is_file() {
-                    return Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None));
-                }
-                // Decoded now, so a corrupt reference stops the run before anything is generated.
-                crate::imageio::read_image(&p).map_err(|e| {
-                    ctx.err(r, format!("reference image `{}` cannot be read: {e}", r.value), Some("replace it with a PNG, JPEG or WebP image".into()))
-                })?;
-                Ok(p)
-            })
-            .collect::<Result<_>>()?,
-        None => Vec::new(),
-    };
+    let mut references: Vec<PathBuf> = Vec::new();
+    for r in rc.references.iter().flatten() {
+        let p = ctx.path(&r.value);
+        let is_dir = p.is_dir();
+        let files = if is_dir {
+            // A folder: every image in it, in name order (held-out training images, approved renders).
+            let listed = std::fs::read_dir(&p).map_err(|e| ctx.err(r, format!("reference folder `{}` cannot be listed: {e}", r.value), None))?;
+            let mut files: Vec<PathBuf> = listed
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && f.extension().and_then(|x| x.to_str()).is_some_and(|x| ["png", "jpg", "jpeg", "webp"].contains(&x.to_ascii_lowercase().as_str())))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(ctx.err(r, format!("reference folder `{}` has no images (.png, .jpg, .jpeg, .webp)", r.value), None));
+            }
+            files
+        } else if p.is_file() {
+            vec![p]
+        } else {
+            return Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None));
+        };
+        for f in files {
+            // Decoded now, so a corrupt reference stops the run before anything is generated.
+            crate::imageio::read_image(&f).map_err(|e| {
+                let shown = if is_dir { format!("{}/{}", r.value.trim_end_matches('/'), f.file_name().unwrap_or_default().to_string_lossy()) } else { r.value.clone() };
+                ctx.err(r, format!("reference image `{shown}` cannot be read: {e}"), Some("replace it with a PNG, JPEG or WebP image".into()))
+            })?;
+            if !references.contains(&f) {
+                references.push(f);
+            }
+        }
+    }
     let used: Vec<&SuiteLora> = adapters.iter().map(|a| &loras[a.lora]).collect();
     let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&prompt, &used));
     if matches!(variant, Variant::Stack { .. }) && rc.control == Some(false) {

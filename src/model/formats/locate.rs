@@ -233,8 +233,31 @@ pub fn resolve_scorer(arg: &str) -> Result<PathBuf> {
         return resolve_hub_id(arg);
     }
     Err(Error::invalid(format!(
-        "unknown CLIP scorer `{arg}`: not a folder with config.json, not a cached hub id, and not `{BUILTIN_SCORER}`"
+        "unknown scorer `{arg}`: not a folder with config.json, not a cached hub id, and not `{BUILTIN_SCORER}`"
     )))
+}
+
+/// The kinds of scorer model a folder can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScorerKind {
+    /// transformers `CLIPModel`: text and image embeddings.
+    Clip,
+    /// transformers `Dinov2Model`: image embeddings only.
+    Dinov2,
+}
+
+/// What a scorer folder holds, from its `config.json`'s `model_type`.
+pub fn scorer_kind(dir: &Path) -> Result<ScorerKind> {
+    let file = dir.join("config.json");
+    let v: serde_json::Value = super::loading::read_config(&file)?;
+    match v["model_type"].as_str() {
+        Some("clip") => Ok(ScorerKind::Clip),
+        Some("dinov2") => Ok(ScorerKind::Dinov2),
+        other => Err(Error::model(
+            &file,
+            format!("a `{}` model is not a scorer: scorers are CLIP (`CLIPModel`) or DINOv2 (`Dinov2Model`) folders", other.unwrap_or("model without model_type")),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -69,6 +69,57 @@ pub fn resize_bicubic_aa(src: &[f32], c: usize, h: usize, w: usize, oh: usize, o
     dst
 }
 
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` without antialiasing, on a
+/// channel-major `[c, h, w]` grid: cubic convolution with A = −0.75, sample points
+/// `(i + 0.5) · in/out − 0.5`, indices clamped at the border. DINOv2 resizes its position
+/// embeddings this way to the image's patch grid.
+pub fn interpolate_bicubic_torch(src: &[f32], c: usize, h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    fn cubic(x: f64) -> f64 {
+        const A: f64 = -0.75;
+        let x = x.abs();
+        if x <= 1.0 {
+            ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            ((A * x - 5.0 * A) * x + 8.0 * A) * x - 4.0 * A
+        } else {
+            0.0
+        }
+    }
+    // For each output index: four source indices (clamped) and their weights.
+    let taps = |input: usize, output: usize| -> Vec<([usize; 4], [f64; 4])> {
+        let scale = input as f64 / output as f64;
+        (0..output)
+            .map(|i| {
+                let x = (i as f64 + 0.5) * scale - 0.5;
+                let x0 = x.floor();
+                let t = x - x0;
+                let idx = |k: i64| (x0 as i64 + k).clamp(0, input as i64 - 1) as usize;
+                ([idx(-1), idx(0), idx(1), idx(2)], [cubic(t + 1.0), cubic(t), cubic(1.0 - t), cubic(2.0 - t)])
+            })
+            .collect()
+    };
+    let (ty, tx) = (taps(h, oh), taps(w, ow));
+    let mut out = vec![0f32; c * oh * ow];
+    for ch in 0..c {
+        let plane = &src[ch * h * w..(ch + 1) * h * w];
+        for (oy, (iy, wy)) in ty.iter().enumerate() {
+            for (ox, (ix, wx)) in tx.iter().enumerate() {
+                let mut acc = 0f64;
+                for a in 0..4 {
+                    let row = &plane[iy[a] * w..];
+                    let mut r = 0f64;
+                    for b in 0..4 {
+                        r += row[ix[b]] as f64 * wx[b];
+                    }
+                    acc += r * wy[a];
+                }
+                out[(ch * oh + oy) * ow + ox] = acc as f32;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,10 +49,7 @@ impl ClipModel {
         let pre = dir.join("preprocessor_config.json");
         if pre.is_file() {
             let v: serde_json::Value = read_config(&pre)?;
-            let three = |k: &str| -> Option<[f32; 3]> {
-                let a = v[k].as_array()?;
-                Some([a.first()?.as_f64()? as f32, a.get(1)?.as_f64()? as f32, a.get(2)?.as_f64()? as f32])
-            };
+            let three = |k: &str| super::rgb_triplet(&v, k);
             scorer.mean = three("image_mean").unwrap_or(scorer.mean);
             scorer.std = three("image_std").unwrap_or(scorer.std);
             if let Some(s) = v["crop_size"]["height"].as_u64().or_else(|| v["crop_size"].as_u64()) {
