@@ -198,6 +198,25 @@ fn a_good_setup_passes_after_its_baselines_are_accepted_and_reruns_generate_noth
     });
     let html = std::fs::read_to_string(p.dir.join("out/good/report.html")).unwrap();
     assert!(html.contains("data:image/png;base64,") && !html.contains("src=\"http"), "the report must be self-contained");
+    // The report's data URIs are the image files' bytes (each image is encoded once).
+    let png = std::fs::read(p.dir.join("out/good/images/center/main-s0.png")).unwrap();
+    use base64::Engine;
+    assert!(html.contains(&base64::engine::general_purpose::STANDARD.encode(&png)), "the report embeds the written image");
+
+    // Embeddings are cached beside the images (the re-run embedded nothing); damaged cache
+    // files are misses, not wrong scores.
+    let embeddings: Vec<PathBuf> = walk(&p.dir.join(".cache/embeddings"));
+    assert!(embeddings.len() >= 3, "2 images and a text embedded: {embeddings:?}");
+    for f in &embeddings {
+        std::fs::write(f, [0x3fu8; 512]).unwrap();
+    }
+    let third = p.run(&["suite", "good.yaml", "--ci"]);
+    let out = text(&third);
+    assert_eq!(code(&third), 0, "{out}");
+    for check in ["clip", "control", "regression", "baseline"] {
+        assert_eq!(status_of(&out, "center", check).as_deref(), Some("PASS"), "{check}: {out}");
+    }
+    assert!(std::fs::read(&embeddings[0]).unwrap() != [0x3fu8; 512], "a damaged entry is rewritten");
 }
 
 /// A case without the trigger word that the LoRA must leave alone.

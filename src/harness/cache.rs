@@ -1,4 +1,5 @@
-//! A content-addressed cache of generated images and LoRA application reports.
+//! A content-addressed cache of generated images, their embeddings by each scorer, and LoRA
+//! application reports.
 //!
 //! The key of an image hashes everything that determines its pixels: the model's fingerprint,
 //! each LoRA's file hash and weight in stack order, prompt, negative prompt, seed, size, steps,
@@ -147,6 +148,30 @@ impl ImageCache {
         write_atomic(&path, serde_json::to_string(&stored).expect("serialisable").as_bytes())
     }
 }
+
+impl ImageCache {
+    fn vector_path(&self, space: &str, key: &str) -> Option<PathBuf> {
+        // `space` names the scorer and its content fingerprint: another model, another folder.
+        let space = &content_hash(format!("{EMBEDDING_VERSION}|{space}").as_bytes())[..16];
+        self.dir.as_ref().map(|d| d.join("embeddings").join(space).join(&key[..2.min(key.len())]).join(format!("{key}.f32")))
+    }
+
+    /// A cached embedding of the image (or text) `key` in the scorer space `space`.
+    pub fn get_vector(&self, space: &str, key: &str) -> Option<Vec<f32>> {
+        let bytes = std::fs::read(self.vector_path(space, key)?).ok()?;
+        // A truncated or foreign file is a miss, as a corrupt image is.
+        (bytes.len() % 4 == 0 && !bytes.is_empty()).then(|| bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    pub fn put_vector(&self, space: &str, key: &str, v: &[f32]) -> Result<()> {
+        let Some(path) = self.vector_path(space, key) else { return Ok(()) };
+        write_atomic(&path, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    }
+}
+
+/// The version of the scoring code (preprocessing, towers): bump it when embeddings of the same
+/// image by the same model files would change, so cached ones are not trusted.
+pub const EMBEDDING_VERSION: &str = "emb-1";
 
 /// The default cache folder: `$LORAGATE_CACHE`, else `.loragate/cache` in the repository (or
 /// working directory) that holds `start`.

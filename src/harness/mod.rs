@@ -315,7 +315,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
     let texts: Vec<String> = plan.cases.iter().flat_map(|c| c.variants.iter().map(|v| v.score_text.clone())).collect();
     let refs: Vec<PathBuf> = suite.cases.iter().flat_map(|c| c.references.clone()).collect();
     let progress = if opts.progress { Progress::steps("scoring", plan.jobs.len() as u64 * scoring::passes(&scorers)) } else { Progress::hidden() };
-    let emb = scoring::embed_all(&scorers, &generation.outcomes, &texts, &refs, &progress)?;
+    let emb = scoring::embed_all(&scorers, &cache, &generation.outcomes, &texts, &refs, &progress)?;
     progress.finish();
     timings.score = t.elapsed().as_secs_f64();
 

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use image::RgbImage;
 
+use super::cache::ImageCache;
 use super::generate::JobOutcome;
 use crate::error::Result;
+use crate::fsutil::content_hash;
 use crate::imageio::read_image;
 use crate::model::aesthetic::AestheticModel;
 use crate::model::clip::ClipModel;
@@ -57,15 +59,33 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum()
 }
 
-/// Embeds every image with `embed`: images of one size together, in batches (each scorer
-/// resizes to its own input size).
-fn embed_images(outcomes: &[JobOutcome], progress: &crate::progress::Progress, embed: impl Fn(&[RgbImage]) -> Result<Vec<Vec<f32>>>) -> Result<Vec<Option<Vec<f32>>>> {
+/// A cached embedding, if it is one: every scorer's embeddings are unit vectors, so a damaged
+/// file (truncated, overwritten) is a miss rather than a wrong score.
+fn cached(cache: &ImageCache, space: &str, key: &str) -> Option<Vec<f32>> {
+    cache.get_vector(space, key).filter(|v| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() - 1.0).abs() < 1e-3)
+}
+
+/// Embeds every image with `embed`, or takes its embedding from the cache (by image key and
+/// the scorer's `space`): images of one size together, in batches (each scorer resizes to its
+/// own input size). An unchanged re-run embeds nothing.
+fn embed_images(
+    outcomes: &[JobOutcome],
+    cache: &ImageCache,
+    space: &str,
+    progress: &crate::progress::Progress,
+    embed: impl Fn(&[RgbImage]) -> Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Option<Vec<f32>>>> {
     const BATCH: usize = 32;
     let mut images: Vec<Option<Vec<f32>>> = vec![None; outcomes.len()];
     let mut by_size: HashMap<(u32, u32), Vec<usize>> = HashMap::new();
     for (i, o) in outcomes.iter().enumerate() {
-        if let Some(img) = &o.image {
-            by_size.entry(img.dimensions()).or_default().push(i);
+        let Some(img) = &o.image else { continue };
+        match cached(cache, space, &o.key) {
+            Some(v) => {
+                images[i] = Some(v);
+                progress.inc(1);
+            }
+            None => by_size.entry(img.dimensions()).or_default().push(i),
         }
     }
     let mut sizes: Vec<_> = by_size.into_iter().collect();
@@ -74,6 +94,7 @@ fn embed_images(outcomes: &[JobOutcome], progress: &crate::progress::Progress, e
         for chunk in ids.chunks(BATCH) {
             let batch: Vec<RgbImage> = chunk.iter().map(|&i| outcomes[i].image.clone().expect("filtered")).collect();
             for (&i, e) in chunk.iter().zip(embed(&batch)?) {
+                cache.put_vector(space, &outcomes[i].key, &e)?;
                 images[i] = Some(e);
             }
             progress.inc(chunk.len() as u64);
@@ -88,16 +109,39 @@ pub fn passes(scorers: &Scorers) -> u64 {
 }
 
 /// Embeds everything the checks need.
-pub fn embed_all(scorers: &Scorers, outcomes: &[JobOutcome], texts: &[String], references: &[PathBuf], progress: &crate::progress::Progress) -> Result<Embeddings> {
-    let images = embed_images(outcomes, progress, |b| scorers.text.image_embedding_rows(b))?;
-    let identity_images = scorers.identity.map(|m| embed_images(outcomes, progress, |b| m.image_embedding_rows(b))).transpose()?;
+pub fn embed_all(
+    scorers: &Scorers,
+    cache: &ImageCache,
+    outcomes: &[JobOutcome],
+    texts: &[String],
+    references: &[PathBuf],
+    progress: &crate::progress::Progress,
+) -> Result<Embeddings> {
+    let text_space = scorers.text.embedding_space()?;
+    let images = embed_images(outcomes, cache, &text_space, progress, |b| scorers.text.image_embedding_rows(b))?;
+    let identity_images = match scorers.identity {
+        Some(m) => Some(embed_images(outcomes, cache, &m.embedding_space()?, progress, |b| m.image_embedding_rows(b))?),
+        None => None,
+    };
 
     let mut unique: Vec<&str> = texts.iter().map(String::as_str).collect();
     unique.sort_unstable();
     unique.dedup();
     let mut text_map = HashMap::new();
-    for chunk in unique.chunks(32) {
+    let text_key = |t: &str| content_hash(format!("text|{t}").as_bytes());
+    let mut missing = Vec::new();
+    for t in unique {
+        match cached(cache, &text_space, &text_key(t)) {
+            Some(v) => {
+                scorers.text.note_cuts(t);
+                text_map.insert(t.to_string(), v);
+            }
+            None => missing.push(t),
+        }
+    }
+    for chunk in missing.chunks(32) {
         for (t, e) in chunk.iter().zip(scorers.text.text_embedding_rows(chunk)?) {
+            cache.put_vector(&text_space, &text_key(t), &e)?;
             text_map.insert(t.to_string(), e);
         }
     }
@@ -121,7 +165,7 @@ pub fn embed_all(scorers: &Scorers, outcomes: &[JobOutcome], texts: &[String], r
             let own;
             let rows = match clip {
                 Some(c) => {
-                    own = embed_images(outcomes, progress, |b| c.image_embedding_rows(b))?;
+                    own = embed_images(outcomes, cache, &c.embedding_space()?, progress, |b| c.image_embedding_rows(b))?;
                     &own
                 }
                 None => &images,

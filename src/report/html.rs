@@ -8,19 +8,17 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use base64::Engine;
-use image::RgbImage;
 
 use crate::error::Result;
 use crate::harness::{Evidence, Status, SuiteOutcome, worse};
-use crate::imageio::encode_png;
+use crate::report::EncodedImages;
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn data_uri(img: &RgbImage) -> Result<String> {
-    let png = encode_png(img, &[])?;
-    Ok(format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png)))
+fn data_uri(png: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
 }
 
 fn status_class(s: Status) -> &'static str {
@@ -74,31 +72,35 @@ c.classList.toggle('hidden',!(hit&&ok));}}
 q.addEventListener('input',apply);f.addEventListener('change',apply);
 "#;
 
-fn figure(label: &str, img: Option<&RgbImage>, extra: &str) -> Result<String> {
-    Ok(match img {
-        Some(i) => format!("<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i)?, esc(label), esc(label), extra),
+fn figure(label: &str, png: Option<&[u8]>, extra: &str) -> Result<String> {
+    Ok(match png {
+        Some(i) => format!("<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra),
         None => format!("<figure><div class=\"missing\">no {}</div><figcaption>{}</figcaption></figure>", esc(label), esc(label)),
     })
 }
 
-fn shot(e: &Evidence) -> Result<String> {
+/// A case as the report shows it: its worst status, its checks, and its images (with their index
+/// among the run's evidence).
+type CaseView<'a> = (Status, Vec<&'a crate::harness::CheckResult>, Vec<(usize, &'a Evidence)>);
+
+fn shot(e: &Evidence, index: usize, pngs: &EncodedImages) -> Result<String> {
     let mut s = String::new();
     let score = e.baseline_score.map(|v| format!(" {v:.3}")).unwrap_or_default();
     let clip = e.clip.map(|v| format!(" clip {v:.3}")).unwrap_or_default();
     let _ = write!(s, "<div class=\"shot\"><div class=\"row\">");
-    s.push_str(&figure("baseline", e.baseline.as_ref(), "")?);
-    s.push_str(&figure("current", Some(&e.current), &clip)?);
-    s.push_str(&figure("diff", e.diff.as_ref(), &score)?);
+    s.push_str(&figure("baseline", pngs.png(index, ".baseline"), "")?);
+    s.push_str(&figure("current", pngs.png(index, ""), &clip)?);
+    s.push_str(&figure("diff", pngs.png(index, ".diff"), &score)?);
     if e.control.is_some() {
-        s.push_str(&figure("no LoRA", e.control.as_ref(), "")?);
+        s.push_str(&figure("no LoRA", pngs.png(index, ".control"), "")?);
     }
     let _ = write!(s, "</div><div>{}</div></div>", esc(&e.caption));
     Ok(s)
 }
 
-pub fn to_html(o: &SuiteOutcome) -> Result<String> {
+pub fn to_html(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
     // Per case: its worst status, its checks, its images.
-    let mut cases: BTreeMap<&str, (Status, Vec<&crate::harness::CheckResult>, Vec<&Evidence>)> = BTreeMap::new();
+    let mut cases: BTreeMap<&str, CaseView> = BTreeMap::new();
     let mut order: Vec<&str> = Vec::new();
     for r in &o.results {
         if !cases.contains_key(r.case.as_str()) {
@@ -108,9 +110,9 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
         e.0 = worse(e.0, r.status);
         e.1.push(r);
     }
-    for ev in &o.evidence {
+    for (i, ev) in o.evidence.iter().enumerate() {
         if let Some(e) = cases.get_mut(ev.case.as_str()) {
-            e.2.push(ev);
+            e.2.push((i, ev));
         }
     }
     let mut body = String::new();
@@ -124,7 +126,7 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
         for name in group {
             let (_, checks, shots) = &cases[name];
             let _ = write!(body, "<section class=\"case {class}\" id=\"case-{}\"><h2>{}</h2>", esc(name), esc(name));
-            if let Some(p) = shots.first() {
+            if let Some((_, p)) = shots.first() {
                 let _ = write!(body, "<div class=\"prompt\">{}</div>", esc(&p.prompt));
             }
             body.push_str("<table class=\"checks\">");
@@ -144,13 +146,13 @@ pub fn to_html(o: &SuiteOutcome) -> Result<String> {
                 body.push_str(&stack_matrix(m));
             }
             body.push_str("<div class=\"shots\">");
-            for e in shots {
-                body.push_str(&shot(e)?);
+            for (i, e) in shots {
+                body.push_str(&shot(e, *i, pngs)?);
             }
             body.push_str("</div></section>");
         }
     }
-    let worst = worst_prompts(o)?;
+    let worst = worst_prompts(o, pngs)?;
     let verdict = crate::report::markdown::verdict(o);
     let mut html = String::new();
     let _ = write!(
@@ -203,19 +205,19 @@ fn stack_matrix(m: &crate::harness::measure::StackNumbers) -> String {
 }
 
 /// The lowest-scoring prompts with their image, score and the no-LoRA control's.
-fn worst_prompts(o: &SuiteOutcome) -> Result<String> {
+fn worst_prompts(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
     if o.prompt_scores.len() < 2 {
         return Ok(String::new());
     }
     let mut s = format!("<h2 class=\"group\">Worst prompts ({}, of {}; all in prompts.csv)</h2><div class=\"shots\">", o.scale.describe(), o.prompt_scores.len());
     for p in o.worst_prompts(10) {
-        let img = o.evidence.iter().find(|e| e.case == p.case && e.id == p.image).map(|e| &e.current);
+        let img = o.evidence.iter().position(|e| e.case == p.case && e.id == p.image).and_then(|i| pngs.png(i, ""));
         let control = p.control.map(|c| format!(" · without the LoRA {:.3}", o.scale.apply(c))).unwrap_or_default();
         let class = if p.clip < p.floor { "fail" } else { "pass" };
         let caption = format!("<span class=\"{class}\">{:.3}</span>{control}<br><a href=\"#case-{}\">{} / {}</a><br><span class=\"prompt\">{}</span>", o.scale.apply(p.clip), esc(&p.case), esc(&p.case), esc(&p.variant), esc(&p.prompt));
         match img {
             Some(i) => {
-                let _ = write!(s, "<div class=\"shot worst\"><figure><img src=\"{}\" alt=\"{}\"><figcaption>{caption}</figcaption></figure></div>", data_uri(i)?, esc(&p.prompt));
+                let _ = write!(s, "<div class=\"shot worst\"><figure><img src=\"{}\" alt=\"{}\"><figcaption>{caption}</figcaption></figure></div>", data_uri(i), esc(&p.prompt));
             }
             None => {
                 let _ = write!(s, "<div class=\"shot worst\"><figure><div class=\"missing\">no image</div><figcaption>{caption}</figcaption></figure></div>");

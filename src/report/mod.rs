@@ -6,13 +6,17 @@ pub mod html;
 pub mod junit;
 pub mod markdown;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::fsutil::write_text_atomic;
 use crate::error::Error;
 use crate::harness::{Evidence, SuiteOutcome};
-use crate::imageio::{read_image, write_png};
+use crate::fsutil::write_atomic;
+use crate::imageio::{encode_png_fast, read_image};
 
 /// Where the files of one run went.
 #[derive(Debug, Clone)]
@@ -32,6 +36,39 @@ fn image_path(images: &Path, e: &Evidence, suffix: &str) -> PathBuf {
     images.join(&e.case).join(format!("{}{suffix}.png", e.id))
 }
 
+/// The kinds of image an [`Evidence`] carries, by file suffix.
+const SUFFIXES: [&str; 4] = ["", ".control", ".baseline", ".diff"];
+
+fn evidence_image<'a>(e: &'a Evidence, suffix: &str) -> Option<&'a image::RgbImage> {
+    match suffix {
+        "" => Some(&e.current),
+        ".control" => e.control.as_ref(),
+        ".baseline" => e.baseline.as_ref(),
+        _ => e.diff.as_ref(),
+    }
+}
+
+/// Every evidence image encoded once, in parallel, as PNG: the same bytes become the image files
+/// and the HTML report's data URIs.
+pub struct EncodedImages(HashMap<(usize, &'static str), Vec<u8>>);
+
+impl EncodedImages {
+    pub fn of(o: &SuiteOutcome) -> Result<Self> {
+        let wanted: Vec<(usize, &'static str)> =
+            o.evidence.iter().enumerate().flat_map(|(i, e)| SUFFIXES.iter().filter(|s| evidence_image(e, s).is_some()).map(move |s| (i, *s))).collect();
+        let encoded = wanted
+            .into_par_iter()
+            .map(|(i, s)| Ok(((i, s), encode_png_fast(evidence_image(&o.evidence[i], s).expect("filtered"))?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        Ok(EncodedImages(encoded))
+    }
+
+    /// The PNG of evidence `index`'s image of kind `suffix` (`""` for the image itself).
+    pub fn png(&self, index: usize, suffix: &str) -> Option<&[u8]> {
+        SUFFIXES.iter().find(|s| **s == suffix).and_then(|s| self.0.get(&(index, *s))).map(Vec::as_slice)
+    }
+}
+
 /// Writes every report (atomically) and the images of the run into `dir`.
 pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
     let paths = ReportPaths {
@@ -45,14 +82,14 @@ pub fn write_all(o: &SuiteOutcome, dir: &Path) -> Result<ReportPaths> {
     write_text_atomic(&paths.prompts, &prompts_csv(o))?;
     write_text_atomic(&paths.junit, &junit::to_junit(o)?)?;
     write_text_atomic(&paths.outcome, &serde_json::to_string(o).expect("serialisable"))?;
-    write_text_atomic(&paths.html, &html::to_html(o)?)?;
+    let encoded = EncodedImages::of(o)?;
+    write_text_atomic(&paths.html, &html::to_html(o, &encoded)?)?;
     let md = markdown::to_markdown(o);
     write_text_atomic(&paths.markdown, &md)?;
-    for e in &o.evidence {
-        write_png(&image_path(&paths.images, e, ""), &e.current, &[])?;
-        for (suffix, img) in [(".control", &e.control), (".baseline", &e.baseline), (".diff", &e.diff)] {
-            if let Some(img) = img {
-                write_png(&image_path(&paths.images, e, suffix), img, &[])?;
+    for (i, e) in o.evidence.iter().enumerate() {
+        for suffix in SUFFIXES {
+            if let Some(png) = encoded.png(i, suffix) {
+                write_atomic(&image_path(&paths.images, e, suffix), png)?;
             }
         }
     }

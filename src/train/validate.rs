@@ -113,7 +113,7 @@ impl Validator {
         let dir = self.dir.join(format!("step{step}"));
         let junit = dir.join("junit.xml");
         write_text_atomic(&junit, &crate::report::junit::to_junit(&outcome)?)?;
-        write_text_atomic(&dir.join("report.html"), &crate::report::html::to_html(&outcome)?)?;
+        write_text_atomic(&dir.join("report.html"), &crate::report::html::to_html(&outcome, &crate::report::EncodedImages::of(&outcome)?)?)?;
         let failures = outcome
             .results
             .iter()

@@ -101,6 +101,12 @@ impl ClipModel {
         Ok(self.hash.get_or_init(|| h).clone())
     }
 
+    /// What makes its embeddings what they are: the model files and the preprocessing (for
+    /// caching embeddings).
+    pub fn embedding_space(&self) -> Result<String> {
+        Ok(format!("clip {} {} {:?} {:?} {}", self.fingerprint()?, self.image_size, self.mean, self.std, self.tokenizer.context))
+    }
+
     /// Warnings (truncated prompts, unknown characters) since the last call.
     pub fn take_warnings(&self) -> Vec<String> {
         std::mem::take(&mut self.warnings.borrow_mut())
@@ -144,19 +150,25 @@ impl ClipModel {
         self.towers.text_embeddings(ids)
     }
 
+    /// A text's token ids; a cut is recorded as a warning.
+    fn encode_noting_cuts(&self, t: &str) -> Vec<u32> {
+        let e = self.tokenizer.encode(t);
+        if e.truncated {
+            self.warnings.borrow_mut().push(format!("CLIP read only the first {} of {} tokens of {t:?}", self.tokenizer.context - 2, e.prompt_tokens));
+        }
+        e.ids
+    }
+
+    /// Records the warnings a text's embedding would give (for embeddings taken from a cache).
+    pub fn note_cuts(&self, t: &str) {
+        self.encode_noting_cuts(t);
+    }
+
     /// L2-normalised text embeddings; prompts longer than CLIP's context are cut (and reported).
     pub fn text_embeddings(&self, texts: &[&str]) -> Result<Tensor> {
         let mut ids = Vec::new();
         for t in texts {
-            let e = self.tokenizer.encode(t);
-            if e.truncated {
-                self.warnings.borrow_mut().push(format!(
-                    "CLIP read only the first {} of {} tokens of {t:?}",
-                    self.tokenizer.context - 2,
-                    e.prompt_tokens
-                ));
-            }
-            ids.extend(e.ids);
+            ids.extend(self.encode_noting_cuts(t));
         }
         let ids = Tensor::from_vec(ids, (texts.len(), self.tokenizer.context), &self.device)?;
         self.text_embeddings_from_ids(&ids)

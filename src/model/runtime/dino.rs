@@ -133,6 +133,12 @@ impl DinoModel {
         Ok(self.hash.get_or_init(|| h).clone())
     }
 
+    /// What makes its embeddings what they are: the model files and the preprocessing (for
+    /// caching embeddings).
+    pub fn embedding_space(&self) -> Result<String> {
+        Ok(format!("dinov2 {} {:?}", self.fingerprint()?, self.preprocess))
+    }
+
     /// 8-bit images → the model's input `[B, 3, crop_h, crop_w]`.
     pub fn pixels(&self, images: &[RgbImage]) -> Result<Tensor> {
         let (ch, cw) = self.preprocess.crop;

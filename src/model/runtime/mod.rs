@@ -42,6 +42,13 @@ impl ImageEncoder {
             ImageEncoder::Dinov2(m) => m.fingerprint(),
         }
     }
+
+    pub fn embedding_space(&self) -> Result<String> {
+        match self {
+            ImageEncoder::Clip(m) => m.embedding_space(),
+            ImageEncoder::Dinov2(m) => m.embedding_space(),
+        }
+    }
 }
 
 /// A `preprocessor_config.json` field of three numbers (`image_mean`, `image_std`).
