@@ -13,6 +13,7 @@ use loragate::train::{TrainConfig, Trainer, prepare};
 use loragate::world::{Concept, DatasetSpec, RenderOptions};
 
 fn main() -> loragate::Result<()> {
+    loragate::device::pin_thread_counts();
     let steps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(40);
     let dir = std::env::temp_dir().join(format!("loragate-train-speed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

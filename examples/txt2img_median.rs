@@ -10,7 +10,7 @@ use txt2img_work::Txt2ImgWork;
 fn main() {
     let work = Txt2ImgWork::load();
     let mut out = Vec::new();
-    for b in [1usize, 4] {
+    for b in [1usize, 4, 8] {
         work.run(b); // warm-up
         let mut times: Vec<f64> = (0..5)
             .map(|_| {

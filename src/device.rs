@@ -5,6 +5,22 @@ pub use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 
+/// candle asks the OS for its thread count on every matrix product (it reads /proc/cpuinfo and
+/// CPU masks each time, a quarter of a tiny-sd generation on 2 cores), unless
+/// `RAYON_NUM_THREADS` says it. This pins that variable once to the count candle would find,
+/// and builds rayon's global pool (loragate's own kernels) with every logical CPU as before.
+/// Call it first thing, before any thread starts. An explicit `RAYON_NUM_THREADS` wins.
+pub fn pin_thread_counts() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let candles = candle_core::utils::get_num_threads();
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: called at the start of `cli::run`, before any thread exists.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", candles.to_string()) };
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(logical).build_global();
+}
+
 /// Parses a `--device` value. CUDA needs a build with the `cuda` feature and a visible GPU;
 /// either missing is a clear error, never a silent fall-back to the CPU.
 pub fn parse_device(spec: &str) -> Result<Device> {

@@ -21,14 +21,18 @@ const PROMPTS: [&str; 4] = [
 impl Txt2ImgWork {
     /// Loads the model (outside any timed loop, as in the peer measurement).
     pub fn load() -> Self {
+        // As the `loragate` binary does first thing.
+        loragate::device::pin_thread_counts();
         let pipe = Pipeline::load(&resolve_model("tiny").unwrap(), DType::F32, &Device::Cpu).unwrap();
         let params = GenerationParams { steps: 20, guidance: 5.0, width: 128, height: 128, ..Default::default() };
         Txt2ImgWork { pipe, params }
     }
 
-    /// Generates `batch` (1–4) images in one call.
+    /// Generates `batch` images in one call (the four prompts in turn).
     pub fn run(&self, batch: usize) {
         let seeds: Vec<u64> = (0..batch as u64).collect();
-        self.pipe.generate(&PROMPTS[..batch], &seeds, &self.params, &mut |_, _| {}).unwrap();
+        let prompts: Vec<&str> = (0..batch).map(|i| PROMPTS[i % PROMPTS.len()]).collect();
+        // Up to the pipeline's max_batch (8) in one UNet call, as the peer does.
+        self.pipe.generate(&prompts, &seeds, &self.params, &mut |_, _| {}).unwrap();
     }
 }
