@@ -33,6 +33,32 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     Ok(x.conv2d(w, padding, stride, 1, 1)?)
 }
 
+/// `x` convolved with a frozen kernel `w` plus `bias` and the `[B, O]` per-channel term
+/// `channel_add` (both must need no gradient), differentiable to `x` only: the training path.
+/// `None` when the fast CPU kernel does not apply; the caller then takes [`conv2d`] and adds
+/// the terms itself.
+pub fn conv2d_frozen(
+    x: &Tensor,
+    w: &Tensor,
+    w_pm: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    channel_add: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Option<Tensor>> {
+    let tracked = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op() || !crate::model::nn::fused_cpu(t));
+    if tracked(bias) || tracked(channel_add) {
+        return Ok(None);
+    }
+    let Some(mut op) = FrozenConv::new(x, x.dim(1)?, w, w_pm, bias, padding, stride)? else { return Ok(None) };
+    op.channel_add = match channel_add {
+        Some(t) if !t.is_contiguous() => Some(t.contiguous()?),
+        t => t.cloned(),
+    };
+    let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+    Ok(Some(x.apply_op1(op)?))
+}
+
 /// The kernel `w [O, C, k, k]` as the `[k·k·C, O]` matrix of the pixel-major forward pass.
 pub fn pixel_major_kernel(w: &Tensor) -> Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
@@ -436,30 +462,29 @@ fn col2im(cols: &[f32], g: &Geometry) -> Vec<f32> {
     let kk = g.c * g.k * g.k;
     let n = g.ho * g.wo;
     let mut x = vec![0f32; g.b * g.c * g.h * g.w];
-    for b in 0..g.b {
-        for c in 0..g.c {
-            let plane = &mut x[(b * g.c + c) * g.h * g.w..][..g.h * g.w];
-            for ki in 0..g.k {
-                for kj in 0..g.k {
-                    let row = (c * g.k + ki) * g.k + kj;
-                    let src = &cols[(b * kk + row) * n..][..n];
-                    for oy in 0..g.ho {
-                        let iy = (oy * g.s + ki) as isize - g.p as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let dst_row = &mut plane[iy as usize * g.w..][..g.w];
-                        for ox in 0..g.wo {
-                            let ix = (ox * g.s + kj) as isize - g.p as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                dst_row[ix as usize] += src[oy * g.wo + ox];
-                            }
+    // One plane per task: each sums only its own channel's patch rows.
+    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(plane_index, plane)| {
+        let (b, c) = (plane_index / g.c, plane_index % g.c);
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let row = (c * g.k + ki) * g.k + kj;
+                let src = &cols[(b * kk + row) * n..][..n];
+                for oy in 0..g.ho {
+                    let iy = (oy * g.s + ki) as isize - g.p as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let dst_row = &mut plane[iy as usize * g.w..][..g.w];
+                    for ox in 0..g.wo {
+                        let ix = (ox * g.s + kj) as isize - g.p as isize;
+                        if ix >= 0 && ix < g.w as isize {
+                            dst_row[ix as usize] += src[oy * g.wo + ox];
                         }
                     }
                 }
             }
         }
-    }
+    });
     x
 }
 
@@ -479,7 +504,9 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        if self.bias.is_some() || self.upsample.is_some() || self.channel_add.is_some() || self.residual.is_some() || self.tokens_in.is_some() || self.tokens_out {
+        // Bias and channel terms are constants added to the output (see `conv2d_frozen`):
+        // they do not change the input's gradient.
+        if self.upsample.is_some() || self.residual.is_some() || self.tokens_in.is_some() || self.tokens_out {
             candle_core::bail!("frozen-conv2d: no backward for the inference-only extras");
         }
         let (g, _) = self.geometry(arg.dims())?;
@@ -524,6 +551,35 @@ mod tests {
             let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
             assert!(max_diff(a, b) < 1e-4, "input gradient k{k} s{stride} p{padding}");
         }
+    }
+
+    #[test]
+    fn training_conv_folds_bias_and_channel_terms_and_differentiates_its_input() {
+        for (k, stride, padding, h, w) in [(3, 1, 1, 9, 7), (3, 2, 1, 8, 8), (1, 1, 0, 5, 6)] {
+            let x = Var::from_tensor(&randn(&[2, 3, h, w], 1)).unwrap();
+            let kernel = randn(&[4, 3, k, k], 2);
+            let bias = randn(&[4], 3);
+            let temb = randn(&[2, 4], 4);
+            let ours = conv2d_frozen(x.as_tensor(), &kernel, None, Some(&bias), Some(&temb), padding, stride).unwrap().unwrap();
+            let theirs = x
+                .as_tensor()
+                .conv2d(&kernel, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&temb.reshape((2, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-4, "forward k{k} s{stride} p{padding}");
+            let probe = randn(ours.dims(), 5);
+            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+            assert!(max_diff(a, b) < 1e-4, "input gradient k{k} s{stride} p{padding}");
+        }
+        // A channel term that needs its own gradient is not folded (it would lose it).
+        let x = randn(&[1, 3, 4, 4], 6);
+        let temb = Var::from_tensor(&randn(&[1, 4], 7)).unwrap();
+        assert!(conv2d_frozen(&x, &randn(&[4, 3, 3, 3], 8), None, None, Some(temb.as_tensor()), 1, 1).unwrap().is_none());
     }
 
     #[test]

@@ -70,10 +70,10 @@ pub fn silu<const FMA: bool>(x: f32) -> f32 {
     x / (1.0 + exp::<FMA>(-x))
 }
 
-/// Exact GELU, `x/2 · (1 + erf(x/√2))`, with erf from Abramowitz & Stegun 7.1.26.
+/// erf from Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
 #[inline(always)]
-pub fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
-    let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+pub fn erf<const FMA: bool>(x: f32) -> f32 {
+    let z = x.abs();
     let t = 1.0 / madd::<FMA>(0.327_591_1, z, 1.0);
     let mut p = 1.061_405_4;
     p = madd::<FMA>(p, t, -1.453_152);
@@ -81,8 +81,29 @@ pub fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
     p = madd::<FMA>(p, t, -0.284_496_74);
     p = madd::<FMA>(p, t, 0.254_829_6);
     let erf_abs = 1.0 - p * t * exp::<FMA>(-z * z);
-    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
-    0.5 * x * (1.0 + erf)
+    if x < 0.0 { -erf_abs } else { erf_abs }
+}
+
+/// Exact GELU, `x/2 · (1 + erf(x/√2))`.
+#[inline(always)]
+pub fn gelu_erf<const FMA: bool>(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The exact GELU and its derivative `Φ(x) + x·φ(x)` (φ with the exact 1/√(2π), unlike
+/// candle's `GeluErf` backward).
+#[inline(always)]
+pub fn gelu_erf_and_grad<const FMA: bool>(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let cdf = 0.5 * (1.0 + erf::<FMA>(x * std::f32::consts::FRAC_1_SQRT_2));
+    let pdf = INV_SQRT_2PI * exp::<FMA>(-0.5 * x * x);
+    (x * cdf, madd::<FMA>(x, pdf, cdf))
+}
+
+/// `1 / (1 + e^-x)`.
+#[inline(always)]
+pub fn sigmoid<const FMA: bool>(x: f32) -> f32 {
+    1.0 / (1.0 + exp::<FMA>(-x))
 }
 
 /// `x ← x + a`, element-wise.
@@ -117,6 +138,58 @@ dispatch! {
             for ((d, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {
                 *d = a * gelu_erf::<FMA>(g);
             }
+        }
+    }
+}
+
+dispatch! {
+    /// The backward pass of [`geglu_rows`]: from the output's gradient `g` (rows of `width`)
+    /// and the input `h`, the input's gradient `dh` (rows of `2 · width`).
+    pub fn geglu_rows_backward(h: &[f32], g: &[f32], dh: &mut [f32], width: usize) {
+        for ((d, row), gr) in dh.chunks_exact_mut(2 * width).zip(h.chunks_exact(2 * width)).zip(g.chunks_exact(width)) {
+            let (hidden, gate) = row.split_at(width);
+            let (d_hidden, d_gate) = d.split_at_mut(width);
+            for i in 0..width {
+                let (act, slope) = gelu_erf_and_grad::<FMA>(gate[i]);
+                d_hidden[i] = gr[i] * act;
+                d_gate[i] = gr[i] * hidden[i] * slope;
+            }
+        }
+    }
+}
+
+dispatch! {
+    /// First half of a normalisation's backward pass over one channel's (or row's) values:
+    /// with `x̂ = (x - mean)·inv` (`stats`) and `z = x̂·scale + shift` (`affine`), writes `∂L/∂x̂ = g · act'(z) · scale`
+    /// (act is SiLU when `silu`, else the identity) into `dxhat` and returns the sums of
+    /// `∂L/∂x̂` and of `∂L/∂x̂ · x̂`.
+    pub fn norm_grad_sums(x: &[f32], g: &[f32], dxhat: &mut [f32], stats: (f32, f32), affine: (f32, f32), silu: bool) -> (f64, f64) {
+        let ((mean, inv), (scale, shift)) = (stats, affine);
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for ((d, &xv), &gv) in dxhat.iter_mut().zip(x).zip(g) {
+            let xhat = (xv - mean) * inv;
+            let mut dz = gv;
+            if silu {
+                let z = madd::<FMA>(xhat, scale, shift);
+                let s = sigmoid::<FMA>(z);
+                dz *= s * madd::<FMA>(z, 1.0 - s, 1.0);
+            }
+            let v = dz * scale;
+            *d = v;
+            s1 += v as f64;
+            s2 += (v * xhat) as f64;
+        }
+        (s1, s2)
+    }
+}
+
+dispatch! {
+    /// Second half: `∂L/∂x = inv · (∂L/∂x̂ - m1 - x̂ · m2)` in place, with `m1`, `m2` the means
+    /// of `∂L/∂x̂` and `∂L/∂x̂ · x̂` over the normalised group.
+    pub fn norm_grad_finish(x: &[f32], dxhat: &mut [f32], mean: f32, inv: f32, m1: f32, m2: f32) {
+        for (d, &xv) in dxhat.iter_mut().zip(x) {
+            let xhat = (xv - mean) * inv;
+            *d = inv * (*d - m1 - xhat * m2);
         }
     }
 }
@@ -169,6 +242,27 @@ dispatch! {
     pub fn softmax_rows(xs: &mut [f32], width: usize, scale: f32) {
         for row in xs.chunks_exact_mut(width) {
             softmax_row::<FMA>(row, scale);
+        }
+    }
+}
+
+dispatch! {
+    /// The backward pass of [`softmax_rows`]: from the output `y` and its gradient `g`, the
+    /// input's gradient `scale · y · (g - Σ g·y)`, row by row.
+    pub fn softmax_rows_backward(y: &[f32], g: &[f32], dx: &mut [f32], width: usize, scale: f32) {
+        for ((d, yr), gr) in dx.chunks_exact_mut(width).zip(y.chunks_exact(width)).zip(g.chunks_exact(width)) {
+            let mut acc = [0f32; 8];
+            let (yc, gc) = (yr.chunks_exact(8), gr.chunks_exact(8));
+            let mut dot: f32 = yc.remainder().iter().zip(gc.remainder()).map(|(a, b)| a * b).sum();
+            for (a, b) in yc.zip(gc) {
+                for i in 0..8 {
+                    acc[i] = madd::<FMA>(a[i], b[i], acc[i]);
+                }
+            }
+            dot += acc.iter().sum::<f32>();
+            for ((o, &yv), &gv) in d.iter_mut().zip(yr).zip(gr) {
+                *o = scale * yv * (gv - dot);
+            }
         }
     }
 }

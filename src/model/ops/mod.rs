@@ -1,5 +1,5 @@
 //! Tensor operations and what layers are made of: differentiable layers ([`nn`]), convolution
-//! ([`conv`]), the fused f32 CPU kernels inference takes ([`fused`], [`kernels`]), antialiased
+//! ([`conv`]), the fused f32 CPU kernels inference and training take ([`fused`], [`kernels`]), antialiased
 //! [`resize`], weight access by key ([`params`], as candle's `VarBuilder`), the registry of layers
 //! that LoRAs patch ([`adapters`]) and the seeded random numbers ([`noise`]). Nothing here knows
 //! a model.
@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 static GENERIC: AtomicU8 = AtomicU8::new(0);
 
 /// Whether every operation takes candle's generic path instead of the fused f32 CPU kernels:
-/// the path CUDA and half precision take, and training too. Set by `LORAGATE_GENERIC_OPS=1`
+/// the path CUDA and half precision take. Set by `LORAGATE_GENERIC_OPS=1`
 /// or [`set_generic_ops`], so the GPU's code path can be proven on the CPU.
 pub fn generic_ops() -> bool {
     match GENERIC.load(Ordering::Relaxed) {

@@ -1,9 +1,10 @@
 //! Layers shared by every model component, written so that gradients flow through all of them.
 //!
 //! candle-nn's fused `softmax_last_dim` and `layer_norm` have no backward pass: a LoRA on `to_q`
-//! or `to_k` would silently get no gradient through them. Here each op picks the fused kernel only
-//! when nothing needs a gradient (`!x.track_op()`), and the composite, differentiable form
-//! otherwise. Batched matmuls always get a contiguous left operand (candle issue #3744: on the
+//! or `to_k` would silently get no gradient through them. Here f32 on the CPU takes this
+//! project's fused kernels ([`crate::model::fused`]), which carry their own backward pass to the
+//! input; other devices and dtypes take the composite, differentiable form; a weight that itself
+//! needs a gradient always does. Batched matmuls always get a contiguous left operand (candle issue #3744: on the
 //! CPU a transposed left view gives wrong results after the first batch item).
 
 use std::sync::{Arc, Mutex};
@@ -69,7 +70,9 @@ impl Linear {
         let w = self.layer.effective_weight();
         let live = self.layer.live_adapters();
         let frozen = |t: &Tensor| !t.track_op() && fused_cpu(t);
-        if live.is_empty() && frozen(x) && frozen(&w) && w.is_contiguous() && self.bias.as_ref().is_none_or(frozen) && residual.is_none_or(frozen) {
+        let frozen_base = fused_cpu(x) && frozen(&w) && w.is_contiguous() && self.bias.as_ref().is_none_or(frozen);
+        if frozen_base && live.is_empty() && !x.track_op() && residual.is_none_or(frozen) {
+            // Inference: one pass over the gemm's output for bias, GEGLU or residual.
             let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
             let residual = match residual {
                 Some(r) if !r.is_contiguous() => Some(r.contiguous()?),
@@ -82,10 +85,17 @@ impl Linear {
         let in_f = *dims.last().expect("linear input has at least one dim");
         let rows = x.elem_count() / in_f;
         let x2 = x.reshape((rows, in_f))?;
-        let mut y = matmul(&x2, &w.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let mut y = if frozen_base {
+            // Training: the frozen base product differentiates only to its input.
+            let x2 = if x2.is_contiguous() { x2.clone() } else { x2.contiguous()? };
+            x2.apply_op1(crate::model::fused::LinearCpu { weight: w.clone(), bias: self.bias.clone(), residual: None, geglu: false })?
+        } else {
+            let y = matmul(&x2, &w.t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
         for a in live {
             let h = matmul(&x2, &a.down.as_tensor().t()?)?;
             let d = matmul(&h, &a.up.as_tensor().t()?)?;
@@ -95,7 +105,7 @@ impl Linear {
         *out_dims.last_mut().expect("non-empty") = w.dim(0)?;
         let y = y.reshape(out_dims)?;
         if geglu {
-            return geglu_composite(&y);
+            return self::geglu(&y);
         }
         Ok(match residual {
             Some(r) => (y + r)?,
@@ -172,16 +182,26 @@ impl Conv2d {
         if let Some((h, wd)) = extras.upsample {
             x = x.upsample_nearest2d(h, wd)?;
         }
-        let mut y = conv2d(&x, &w, self.padding, self.stride)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
-        }
+        // Training: a frozen kernel differentiates to its input only, with the bias and an
+        // untracked time embedding folded into its output pass.
+        let channel_add = extras.channel_add.filter(|t| !t.track_op());
+        let pm = if fused_cpu(&x) && !w.track_op() { Some(self.pixel_major_kernel(&w)?) } else { None };
+        let (mut y, add_done) = match crate::model::conv::conv2d_frozen(&x, &w, pm.as_ref(), self.bias.as_ref(), channel_add, self.padding, self.stride)? {
+            Some(y) => (y, channel_add.is_some()),
+            None => {
+                let mut y = conv2d(&x, &w, self.padding, self.stride)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
+                }
+                (y, false)
+            }
+        };
         for a in live {
             let h = conv2d(&x, a.down.as_tensor(), self.padding, self.stride)?;
             let d = conv2d(&h, a.up.as_tensor(), 0, 1)?;
             y = (y + (d * a.scale)?)?;
         }
-        if let Some(t) = extras.channel_add {
+        if let Some(t) = extras.channel_add.filter(|_| !add_done) {
             y = y.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
         if let Some(r) = extras.residual {
@@ -241,7 +261,8 @@ impl GroupNorm {
     }
 
     fn forward_act(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
-        if !x.track_op() && fused_cpu(x) {
+        if fused_cpu(x) && !self.weight.track_op() && !self.bias.track_op() {
+            // With its backward pass to `x` when `x` tracks a gradient (training).
             let op = crate::model::fused::GroupNormCpu {
                 weight: self.weight.clone(),
                 bias: self.bias.clone(),
@@ -250,7 +271,7 @@ impl GroupNorm {
                 silu,
             };
             let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-            return Ok(x.apply_op1_no_bwd(&op)?);
+            return Ok(x.apply_op1(op)?);
         }
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -293,6 +314,11 @@ impl LayerNorm {
             let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
             return Ok(candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps as f32)?);
         }
+        if fused_cpu(x) && !self.weight.track_op() && !self.bias.track_op() {
+            let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
+            let op = crate::model::fused::LayerNormCpu { weight: self.weight.clone(), bias: self.bias.clone(), eps: self.eps };
+            return Ok(x.apply_op1(op)?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
@@ -309,9 +335,9 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `softmax(x · scale)` over the last dimension. The fused CPU kernel applies the scale inside
 /// its exp, saving a pass over `x`.
 pub fn softmax_last_scaled(x: &Tensor, scale: f64) -> Result<Tensor> {
-    if !x.track_op() && fused_cpu(x) {
+    if fused_cpu(x) {
         let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
-        return Ok(x.apply_op1_no_bwd(&crate::model::fused::SoftmaxCpu { scale: scale as f32 })?);
+        return Ok(x.apply_op1(crate::model::fused::SoftmaxCpu { scale: scale as f32 })?);
     }
     let x = if scale == 1.0 { x.clone() } else { (x * scale)? };
     if !x.track_op() && x.dtype() != DType::F32 && x.dtype() != DType::F64 {
@@ -334,10 +360,11 @@ pub fn fused_cpu(x: &Tensor) -> bool {
 }
 
 /// GEGLU over the last dimension: the first half times the exact GELU of the second half.
+/// The fused kernel (with its backward pass) for f32 on the CPU.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
-    if !h.track_op() && fused_cpu(h) {
+    if fused_cpu(h) {
         let h = if h.is_contiguous() { h.clone() } else { h.contiguous()? };
-        return Ok(h.apply_op1_no_bwd(&crate::model::fused::GegluCpu)?);
+        return Ok(h.apply_op1(crate::model::fused::GegluCpu)?);
     }
     geglu_composite(h)
 }
@@ -396,9 +423,9 @@ impl Activation {
 /// Scaled dot-product attention over `[B, heads, N, d]` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    // Without gradients (and without a mask, which must stay unscaled) the scale goes into the
-    // fused softmax instead of a pass over q.
-    let fold = mask.is_none() && !(q.track_op() || k.track_op() || v.track_op()) && fused_cpu(q);
+    // Without a mask (which must stay unscaled) the scale goes into the fused softmax instead
+    // of a pass over q.
+    let fold = mask.is_none() && fused_cpu(q);
     let q = if fold { q.clone() } else { (q * scale)? };
     let mut scores = matmul(&q, &k.transpose(D::Minus2, D::Minus1)?)?;
     if let Some(m) = mask {
