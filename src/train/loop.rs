@@ -230,7 +230,8 @@ impl<'a> Trainer<'a> {
                 self.schedule.at(self.step)
             )));
         }
-        let grads = loss.backward()?;
+        // On a rayon worker: the backward pass's matrix products split there without hand-offs.
+        let grads = crate::model::nn::on_worker(|| loss.backward())?;
         let mut g: Vec<Tensor> = self
             .opt
             .vars()

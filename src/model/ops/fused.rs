@@ -444,6 +444,30 @@ impl candle_core::CustomOp3 for AttentionCpu {
             });
         Ok((CpuStorage::F32(out), Shape::from((b, n, hd))))
     }
+
+    /// Gradients to the queries, keys and values (those that need one). The probabilities are
+    /// recomputed rather than kept from the forward pass; every batched product has a
+    /// contiguous left operand (candle issue #3744).
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, n, hd) = q.dims3()?;
+        let m = k.dim(1)?;
+        let (h, d) = (self.heads, hd / self.heads);
+        // [B, len, H·d] → [B, H, len, d]
+        let split = |t: &Tensor, len: usize| t.detach().reshape((b, len, h, d))?.transpose(1, 2)?.contiguous();
+        let merge = |t: Tensor, len: usize| t.transpose(1, 2)?.contiguous()?.reshape((b, len, hd));
+        let (qh, kh, vh, gh) = (split(q, n)?, split(k, m)?, split(v, m)?, split(grad, n)?);
+        let mut p = qh.matmul(&kh.t()?)?;
+        p.inplace_op1(&SoftmaxCpu { scale: self.scale })?;
+        let dv = if v.track_op() { Some(merge(p.t()?.contiguous()?.matmul(&gh)?, m)?) } else { None };
+        if !(q.track_op() || k.track_op()) {
+            return Ok((None, None, dv));
+        }
+        let dp = gh.matmul(&vh.t()?)?;
+        let ds = CustomOp1::bwd(&SoftmaxCpu { scale: self.scale }, &p, &p, &dp)?.expect("softmax has a backward pass");
+        let dq = if q.track_op() { Some(merge(ds.matmul(&kh)?, n)?) } else { None };
+        let dk = if k.track_op() { Some(merge(ds.t()?.contiguous()?.matmul(&qh)?, m)?) } else { None };
+        Ok((dq, dk, dv))
+    }
 }
 
 #[cfg(test)]
@@ -584,6 +608,37 @@ mod tests {
             Box::new(move |q| crate::model::nn::attention(q, &k, &v, None).unwrap())
         });
         assert!(dy < 1e-5 && dg < 1e-5, "output {dy:e}, gradient {dg:e}");
+    }
+
+    #[test]
+    fn multi_head_attention_gradients_to_queries_keys_and_values_match_the_composite_form() {
+        for (b, n, m, heads, d) in [(2, 33, 20, 4, 16), (1, 7, 77, 2, 40), (2, 5, 1, 3, 3)] {
+            let inputs = [randn(&[b, n, heads * d], 19, 1.0), randn(&[b, m, heads * d], 20, 1.0), randn(&[b, m, heads * d], 21, 1.0)];
+            let cotangent = randn(&[b, n, heads * d], 22, 1.0);
+            let run = |dtype: DType, tracked: [bool; 3]| -> Vec<Option<Tensor>> {
+                let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()).collect();
+                let pick = |i: usize| if tracked[i] { vars[i].as_tensor().clone() } else { vars[i].as_tensor().detach() };
+                let o = crate::model::nn::attention_heads(&pick(0), &pick(1), &pick(2), heads).unwrap();
+                let grads = (&o * &cotangent.to_dtype(dtype).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
+                vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect()
+            };
+            let want = run(DType::F64, [true; 3]);
+            for tracked in [[true; 3], [true, false, false], [false, true, true], [false, false, true]] {
+                let got = run(DType::F32, tracked);
+                for i in 0..3 {
+                    match (&got[i], tracked[i]) {
+                        (Some(g), true) => {
+                            let w = want[i].as_ref().unwrap();
+                            // With one key the queries' gradient is exactly zero: an absolute floor.
+                            let (diff, scale) = (max_diff(g, w), max_abs(w));
+                            assert!(diff <= 1e-5 * scale + 1e-7, "b{b} n{n} m{m} h{heads}, input {i}: gradient off by {diff:e} (largest {scale:e})");
+                        }
+                        (None, false) => {}
+                        (g, t) => panic!("input {i}: tracked {t} but gradient present {}", g.is_some()),
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -441,17 +441,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> R
 }
 
 /// Multi-head attention without a mask on tokens: `q [B, N, H·d]` attends to `k`, `v`
-/// `[B, M, H·d]`; returns `[B, N, H·d]`. Without gradients on the CPU one fused kernel reads
-/// the heads in place; otherwise heads are split, [`attention`] runs, and they are merged.
+/// `[B, M, H·d]`; returns `[B, N, H·d]`. For f32 on the CPU one fused kernel reads the heads
+/// in place (its backward pass recomputes the probabilities); otherwise heads are split,
+/// [`attention`] runs, and they are merged.
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, inner) = q.dims3()?;
     let m = k.dim(1)?;
     let d = inner / heads;
-    let untracked = !(q.track_op() || k.track_op() || v.track_op());
-    if untracked && fused_cpu(q) && fused_cpu(k) && fused_cpu(v) && m > 0 {
+    if fused_cpu(q) && fused_cpu(k) && fused_cpu(v) && m > 0 {
         let c = |t: &Tensor| -> Result<Tensor> { Ok(if t.is_contiguous() { t.clone() } else { t.contiguous()? }) };
         let op = crate::model::fused::AttentionCpu { heads, scale: (1.0 / (d as f64).sqrt()) as f32 };
-        return Ok(c(q)?.apply_op3_no_bwd(&c(k)?, &c(v)?, &op)?);
+        return Ok(c(q)?.apply_op3(&c(k)?, &c(v)?, op)?);
     }
     let split = |t: &Tensor, len: usize| -> Result<Tensor> { Ok(t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
     let o = attention(&split(q, n)?, &split(k, m)?, &split(v, m)?, None)?;
