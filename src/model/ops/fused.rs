@@ -456,7 +456,7 @@ impl candle_core::CustomOp3 for AttentionCpu {
         let split = |t: &Tensor, len: usize| t.detach().reshape((b, len, h, d))?.transpose(1, 2)?.contiguous();
         let merge = |t: Tensor, len: usize| t.transpose(1, 2)?.contiguous()?.reshape((b, len, hd));
         let (qh, kh, vh, gh) = (split(q, n)?, split(k, m)?, split(v, m)?, split(grad, n)?);
-        let mut p = qh.matmul(&kh.t()?)?;
+        let p = qh.matmul(&kh.t()?)?;
         p.inplace_op1(&SoftmaxCpu { scale: self.scale })?;
         let dv = if v.track_op() { Some(merge(p.t()?.contiguous()?.matmul(&gh)?, m)?) } else { None };
         if !(q.track_op() || k.track_op()) {
