@@ -135,7 +135,6 @@ pub fn conv2d_inference(
 /// Convolution with a frozen kernel, as a custom op on its input.
 #[derive(Clone)]
 struct FrozenConv {
-    w: Tensor,
     /// `w` as `[k·k·C, O]`.
     w_pm: Tensor,
     bias: Option<Tensor>,
@@ -193,7 +192,6 @@ impl FrozenConv {
             None => pixel_major_kernel(w)?,
         };
         Ok(Some(FrozenConv {
-            w: w.contiguous()?,
             w_pm,
             bias: bias.cloned(),
             upsample: None,
@@ -456,36 +454,32 @@ fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0
     });
 }
 
-/// The adjoint of an NCHW im2col (`[B, C·k·k, Ho·Wo]` patches): sums patch gradients back
-/// into `[B, C, H, W]`.
-fn col2im(cols: &[f32], g: &Geometry) -> Vec<f32> {
-    let kk = g.c * g.k * g.k;
-    let n = g.ho * g.wo;
-    let mut x = vec![0f32; g.b * g.c * g.h * g.w];
-    // One plane per task: each sums only its own channel's patch rows.
-    x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(plane_index, plane)| {
-        let (b, c) = (plane_index / g.c, plane_index % g.c);
+/// The adjoint of [`im2col_channels_last`]: sums patch gradients `cols [pixels, k·k·C]`
+/// (ordered ki, kj, c) back into a channels-last `[B, H, W, C]` input gradient. Each task
+/// gathers one input row from the patches that read it, so no two tasks write the same place.
+fn col2im_channels_last(cols: &[f32], g: &Geometry) -> Vec<f32> {
+    let (c, kc) = (g.c, g.k * g.k * g.c);
+    let (s, p) = (g.s as isize, g.p as isize);
+    // The output index `o` with `o·s + kernel_offset - p = i`, if there is one.
+    let source = |i: usize, offset: usize, len: usize| -> Option<usize> {
+        let t = i as isize + p - offset as isize;
+        (t >= 0 && t % s == 0 && ((t / s) as usize) < len).then_some((t / s) as usize)
+    };
+    let mut out = vec![0f32; g.b * g.h * g.w * c];
+    out.par_chunks_mut(g.w * c).enumerate().for_each(|(row, dst)| {
+        let (b, iy) = (row / g.h, row % g.h);
         for ki in 0..g.k {
-            for kj in 0..g.k {
-                let row = (c * g.k + ki) * g.k + kj;
-                let src = &cols[(b * kk + row) * n..][..n];
-                for oy in 0..g.ho {
-                    let iy = (oy * g.s + ki) as isize - g.p as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    let dst_row = &mut plane[iy as usize * g.w..][..g.w];
-                    for ox in 0..g.wo {
-                        let ix = (ox * g.s + kj) as isize - g.p as isize;
-                        if ix >= 0 && ix < g.w as isize {
-                            dst_row[ix as usize] += src[oy * g.wo + ox];
-                        }
-                    }
+            let Some(oy) = source(iy, ki, g.ho) else { continue };
+            for (ix, d) in dst.chunks_exact_mut(c).enumerate() {
+                for kj in 0..g.k {
+                    let Some(ox) = source(ix, kj, g.wo) else { continue };
+                    let patch = ((b * g.ho + oy) * g.wo + ox) * kc + (ki * g.k + kj) * c;
+                    crate::model::kernels::add_rows(d, &cols[patch..patch + c]);
                 }
             }
         }
     });
-    x
+    out
 }
 
 impl CustomOp1 for FrozenConv {
@@ -510,16 +504,21 @@ impl CustomOp1 for FrozenConv {
             candle_core::bail!("frozen-conv2d: no backward for the inference-only extras");
         }
         let (g, _) = self.geometry(arg.dims())?;
-        let kk = g.c * g.k * g.k;
-        let n = g.ho * g.wo;
-        let w2t = self.w.reshape((self.o, kk))?.t()?.contiguous()?;
-        let grad = grad.contiguous()?.reshape((g.b, self.o, n))?;
-        let gcols = w2t.broadcast_matmul(&grad)?;
-        if g.pointwise() {
-            return Ok(Some(gcols.reshape(arg.dims())?));
-        }
-        let gx = col2im(&gcols.flatten_all()?.to_vec1::<f32>()?, &g);
-        Ok(Some(Tensor::from_vec(gx, arg.dims(), arg.device())?))
+        let pixels = g.b * g.ho * g.wo;
+        // Pixel-major, as the forward pass: the output gradient channels-last `[pixels, O]`
+        // times the kernel `[O, k·k·C]` gives each output pixel's patch gradient.
+        let grad_cl = grad.permute((0, 2, 3, 1))?.contiguous()?.reshape((pixels, self.o))?;
+        let cols = grad_cl.matmul(&self.w_pm.t()?)?;
+        let dx_cl = if g.pointwise() {
+            cols.reshape((g.b, g.h, g.w, g.c))?
+        } else {
+            let cols = cols.flatten_all()?;
+            let (store, layout) = cols.storage_and_layout();
+            let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*store else { candle_core::bail!("frozen-conv2d: f32 CPU gradient expected") };
+            let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous patches") };
+            Tensor::from_vec(col2im_channels_last(&data[start..end], &g), (g.b, g.h, g.w, g.c), arg.device())?
+        };
+        Ok(Some(dx_cl.permute((0, 3, 1, 2))?.contiguous()?))
     }
 }
 
