@@ -454,18 +454,21 @@ impl candle_core::CustomOp3 for AttentionCpu {
         let (h, d) = (self.heads, hd / self.heads);
         // [B, len, H·d] → [B, H, len, d]
         let split = |t: &Tensor, len: usize| t.detach().reshape((b, len, h, d))?.transpose(1, 2)?.contiguous();
+        // [B, H, len, d] → [B, len, H·d], and the same from the transposed [B, H, d, len].
         let merge = |t: Tensor, len: usize| t.transpose(1, 2)?.contiguous()?.reshape((b, len, hd));
+        let merge_t = |t: Tensor, len: usize| t.permute((0, 3, 1, 2))?.contiguous()?.reshape((b, len, hd));
         let (qh, kh, vh, gh) = (split(q, n)?, split(k, m)?, split(v, m)?, split(grad, n)?);
         let p = qh.matmul(&kh.t()?)?;
         p.inplace_op1(&SoftmaxCpu { scale: self.scale })?;
-        let dv = if v.track_op() { Some(merge(p.t()?.contiguous()?.matmul(&gh)?, m)?) } else { None };
+        // `pᵀ·g` as `(gᵀ·p)ᵀ`: transposing the small `[N, d]` operand instead of the `[N, M]` one.
+        let dv = if v.track_op() { Some(merge_t(gh.t()?.contiguous()?.matmul(&p)?, m)?) } else { None };
         if !(q.track_op() || k.track_op()) {
             return Ok((None, None, dv));
         }
         let dp = gh.matmul(&vh.t()?)?;
         let ds = CustomOp1::bwd(&SoftmaxCpu { scale: self.scale }, &p, &p, &dp)?.expect("softmax has a backward pass");
         let dq = if q.track_op() { Some(merge(ds.matmul(&kh)?, n)?) } else { None };
-        let dk = if k.track_op() { Some(merge(ds.t()?.contiguous()?.matmul(&qh)?, m)?) } else { None };
+        let dk = if k.track_op() { Some(merge_t(qh.t()?.contiguous()?.matmul(&ds)?, m)?) } else { None };
         Ok((dq, dk, dv))
     }
 }
