@@ -7,15 +7,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-40}
+RUNS=${RUNS:-5}
 cargo build --release --example train_speed >/dev/null 2>&1
-# The CLI's default: one element-wise thread (see the README's trainer section).
-ours=$(CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1} ./target/release/examples/train_speed "$STEPS" | tail -1)
-peer=$("$PYTHON" benches/peer/peft_train_step.py assets/tinyworld "$STEPS" 2>/dev/null | tail -1)
-"$PYTHON" - "$ours" "$peer" <<'PY'
-import json, sys
-ours, peer = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-o, p = ours["steps_per_s"], peer["steps_per_s"]
-print(f"| | loragate | PyTorch {peer['torch']} + diffusers + PEFT ({peer['threads']} threads) | loragate speed / peer speed |")
+# RUNS alternating runs of each (a shared machine's load drifts); medians of steps per second.
+ours=() peer=()
+for _ in $(seq "$RUNS"); do
+  # The CLI's default: one element-wise thread (see the README's trainer section).
+  ours+=("$(CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1} ./target/release/examples/train_speed "$STEPS" | tail -1)")
+  peer+=("$("$PYTHON" benches/peer/peft_train_step.py assets/tinyworld "$STEPS" 2>/dev/null | tail -1)")
+done
+"$PYTHON" - "${#ours[@]}" "${ours[@]}" "${peer[@]}" <<'PY'
+import json, statistics, sys
+n = int(sys.argv[1])
+ours = [json.loads(a) for a in sys.argv[2:2 + n]]
+peer = [json.loads(a) for a in sys.argv[2 + n:]]
+o = statistics.median(r["steps_per_s"] for r in ours)
+p = statistics.median(r["steps_per_s"] for r in peer)
+print(f"| | loragate | PyTorch {peer[0]['torch']} + diffusers + PEFT ({peer[0]['threads']} threads) | loragate speed / peer speed |")
 print("|---|---|---|---|")
-print(f"| training steps/s | {o:.2f} | {p:.2f} | {o / p:.2f} |")
+print(f"| training steps/s, median of {n} | {o:.2f} | {p:.2f} | {o / p:.2f} |")
 PY

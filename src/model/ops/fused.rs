@@ -390,6 +390,46 @@ pub struct AttentionCpu {
     pub scale: f32,
 }
 
+/// Keys × head width from which [`AttentionCpu`] takes gemm on query blocks: the register-tile
+/// kernel streams every key and value per four queries, which is fast while they sit in L1/L2
+/// (tiny-sd: 256 × 16) and bandwidth-bound beyond (SD 1.5 at 512²: 4096 × 40).
+const GEMM_ATTENTION_MIN_KV: usize = 16 * 1024;
+
+/// Query rows per gemm block: the block's scores (`rows × M`) stay in L2.
+fn gemm_attention_rows(m: usize) -> usize {
+    ((256 * 1024) / m.max(1)).clamp(8, 256)
+}
+
+impl AttentionCpu {
+    /// Per image, head and block of queries: scores `Q·Kᵀ` by gemm into a scratch block, softmax
+    /// with the scale folded in, then `P·V` by gemm straight into the output. Heads are read in
+    /// place through strides; nothing is packed or copied by hand.
+    fn forward_by_gemm(&self, q: &[f32], k: &[f32], v: &[f32], (b, n, m): (usize, usize, usize)) -> Vec<f32> {
+        use crate::model::gemm::{MatRef, matmul_into};
+        let (h, hd) = (self.heads, q.len() / (b * n).max(1));
+        let d = hd / h;
+        let rows = gemm_attention_rows(m);
+        let mut out = vec![0f32; b * n * hd];
+        // One task per block of query rows of one image, all heads: disjoint output rows.
+        out.par_chunks_mut(n * hd).enumerate().for_each(|(bi, img_out)| {
+            img_out.par_chunks_mut(rows * hd).enumerate().for_each(|(blk, o)| {
+                let (i0, nq) = (blk * rows, o.len() / hd);
+                let mut scores = vec![0f32; nq * m];
+                for hi in 0..h {
+                    let qv = MatRef { data: &q[(bi * n + i0) * hd + hi * d..], rows: nq, cols: d, row_stride: hd, col_stride: 1 };
+                    let kt = MatRef { data: &k[bi * m * hd + hi * d..], rows: d, cols: m, row_stride: 1, col_stride: hd };
+                    matmul_into(&mut scores, m, qv, kt);
+                    kernels::softmax_rows(&mut scores, m, self.scale);
+                    let p = MatRef { data: &scores, rows: nq, cols: m, row_stride: m, col_stride: 1 };
+                    let vv = MatRef { data: &v[bi * m * hd + hi * d..], rows: m, cols: d, row_stride: hd, col_stride: 1 };
+                    matmul_into(&mut o[hi * d..], hd, p, vv);
+                }
+            });
+        });
+        out
+    }
+}
+
 impl candle_core::CustomOp3 for AttentionCpu {
     fn name(&self) -> &'static str {
         "attention-cpu"
@@ -411,6 +451,9 @@ impl candle_core::CustomOp3 for AttentionCpu {
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?} for {} heads", ql.dims(), kl.dims(), vl.dims(), self.heads);
         }
         let (h, d) = (self.heads, hd / self.heads);
+        if m * d >= GEMM_ATTENTION_MIN_KV {
+            return Ok((CpuStorage::F32(self.forward_by_gemm(q, k, v, (b, n, m))), Shape::from((b, n, hd))));
+        }
         let (mp, dp) = kernels::attention_padding(m, d);
         // Per (image, head): keys transposed and values, padded for the register tiles.
         let mut kt = vec![0f32; b * h * d * mp];
@@ -647,7 +690,9 @@ mod tests {
     #[test]
     fn fused_multi_head_attention_matches_the_composite_form() {
         // Odd sizes exercise the padding of keys, head dims and query blocks.
-        for (b, n, m, heads, d) in [(2, 33, 20, 4, 16), (1, 7, 77, 2, 40), (3, 256, 256, 1, 64), (2, 5, 1, 3, 3)] {
+        // (2, 1100, 1000, 2, 20) and (3, 256, 256, 1, 64) take the gemm path (blocks of queries, the
+        // last one partial); the others the register-tile kernel.
+        for (b, n, m, heads, d) in [(2, 33, 20, 4, 16), (1, 7, 77, 2, 40), (3, 256, 256, 1, 64), (2, 5, 1, 3, 3), (2, 1100, 1000, 2, 20)] {
             let q = randn(&[b, n, heads * d], 16, 1.0);
             let k = randn(&[b, m, heads * d], 17, 1.0);
             let v = randn(&[b, m, heads * d], 18, 1.0);

@@ -7,6 +7,7 @@
 pub mod adapters;
 pub mod conv;
 pub mod fused;
+pub mod gemm;
 pub mod kernels;
 pub mod nn;
 pub mod noise;

@@ -1,0 +1,101 @@
+//! Strided matrix products straight into a caller's buffer, through the `gemm` crate (candle's
+//! own CPU matrix-product engine). The fused kernels use it where candle's `matmul` would need
+//! a tensor per operand and a copy per transposed or interleaved view (attention heads read in
+//! place from `[B, N, H·d]`). The wrapper checks every view against its slice, so callers stay
+//! safe code.
+
+/// A read-only `rows × cols` view of `data`: element `(r, c)` at `r·row_stride + c·col_stride`.
+#[derive(Clone, Copy)]
+pub struct MatRef<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl MatRef<'_> {
+    /// Whether every element of the view lies inside `data`.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `dst = lhs · rhs` on one thread (callers parallelise over many products), `dst` being
+/// `lhs.rows × rhs.cols` with rows `dst_row_stride` apart and contiguous columns.
+///
+/// Panics when the shapes disagree or a view reaches outside its slice (a bug in the caller).
+pub fn matmul_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    assert_eq!(rhs.rows, k, "matmul_into: inner dimensions differ");
+    assert!(lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()), "matmul_into: operand view outside its data");
+    let out = MatRef { data: dst, rows: m, cols: n, row_stride: dst_row_stride, col_stride: 1 };
+    assert!(out.fits(dst.len()), "matmul_into: destination view outside its data");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_row_stride..][..n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element gemm reads or writes inside its slice, and
+    // `dst` is borrowed mutably, so no operand aliases it.
+    unsafe {
+        ::gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            ::gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_products_match_the_definition() {
+        // lhs 3×4 read transposed from a 4×3 buffer; rhs 4×2 with a row stride of 5.
+        let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let b: Vec<f32> = (0..20).map(|i| (i as f32).sin()).collect();
+        let lhs = MatRef { data: &a, rows: 3, cols: 4, row_stride: 1, col_stride: 3 };
+        let rhs = MatRef { data: &b, rows: 4, cols: 2, row_stride: 5, col_stride: 1 };
+        let mut dst = vec![7f32; 3 * 6];
+        matmul_into(&mut dst, 6, lhs, rhs);
+        for r in 0..3 {
+            for c in 0..2 {
+                let want: f32 = (0..4).map(|t| a[r + 3 * t] * b[t * 5 + c]).sum();
+                assert!((dst[r * 6 + c] - want).abs() < 1e-5, "({r}, {c})");
+            }
+            // Columns outside the product are left alone.
+            assert_eq!(dst[r * 6 + 2], 7.0);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn a_view_past_its_data_is_refused() {
+        let a = vec![0f32; 5];
+        let lhs = MatRef { data: &a, rows: 2, cols: 3, row_stride: 3, col_stride: 1 };
+        let rhs = MatRef { data: &a, rows: 3, cols: 1, row_stride: 1, col_stride: 1 };
+        matmul_into(&mut [0f32; 2], 1, lhs, rhs);
+    }
+}
