@@ -194,3 +194,33 @@ fn convert_round_trips_a_folder_through_a_single_file_bit_for_bit() {
     // A folder given where a file is expected, and --config on a folder, are usage errors.
     assert_eq!(loragate(&["convert", tiny_folder().to_str().unwrap(), "--out", dir.join("x").to_str().unwrap()]).0, 2);
 }
+
+/// The single file `convert --to single-file` writes holds exactly the tensors of the file that
+/// diffusers opened with `from_single_file(file, config=folder)` and read back as the folder's
+/// own weights (572 of 572 identical; `tests/fixtures/single_file/make.py` made the fixture with
+/// diffusers 0.42). A change to the writer fails here until diffusers has opened its output.
+#[test]
+fn the_single_file_convert_writes_is_the_one_diffusers_opened() {
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("single_file").join("diffusers_opened.json")).unwrap()).unwrap();
+    assert_eq!(fixture["max_abs_diff"].as_f64(), Some(0.0));
+    assert_eq!(fixture["compared_tensors"].as_u64(), Some(572), "unet, vae and text encoder all compared");
+    let want = fixture["tensors"].as_object().unwrap();
+    let dir = tmp("diffusers-opened");
+    let single = dir.join("tiny.safetensors");
+    let (code, text) = loragate(&["convert", tiny_folder().to_str().unwrap(), "--to", "single-file", "--out", single.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    let got = TensorFile::load(&single, DType::F32, &Device::Cpu).unwrap().tensors;
+    let got_keys: std::collections::BTreeSet<&String> = got.keys().collect();
+    let want_keys: std::collections::BTreeSet<&String> = want.keys().collect();
+    assert_eq!(got_keys, want_keys, "the file's tensor names");
+    for (key, t) in &got {
+        let w = want[key].as_array().unwrap();
+        let shape: Vec<usize> = w[0].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        assert_eq!(t.dims(), shape.as_slice(), "{key}");
+        let values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (sum, sq) = values.iter().fold((0f64, 0f64), |(s, q), &v| (s + v as f64, q + v as f64 * v as f64));
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+        assert!(close(sum, w[1].as_f64().unwrap()) && close(sq, w[2].as_f64().unwrap()), "{key}: other values than diffusers opened");
+    }
+}
