@@ -40,7 +40,7 @@ impl CustomOp1 for GroupNormCpu {
         let w = self.weight.to_vec1::<f32>()?;
         let bias = self.bias.to_vec1::<f32>()?;
         let mut out = vec![0f32; x.len()];
-        let group_len = per_group * spatial;
+        let group_len = (per_group * spatial).max(1);
         let (silu, groups) = (self.silu, self.groups);
         out.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (o, xs))| {
             let g = i % groups;
@@ -62,7 +62,7 @@ impl CustomOp1 for GroupNormCpu {
         let c = dims[1];
         let spatial: usize = dims[2..].iter().product();
         let per_group = c / self.groups;
-        let group_len = per_group * spatial;
+        let group_len = (per_group * spatial).max(1);
         let w = self.weight.to_vec1::<f32>()?;
         let bias = self.bias.to_vec1::<f32>()?;
         let dx = with_f32(arg, |x| {
@@ -411,8 +411,8 @@ impl AttentionCpu {
         let rows = gemm_attention_rows(m);
         let mut out = vec![0f32; b * n * hd];
         // One task per block of query rows of one image, all heads: disjoint output rows.
-        out.par_chunks_mut(n * hd).enumerate().for_each(|(bi, img_out)| {
-            img_out.par_chunks_mut(rows * hd).enumerate().for_each(|(blk, o)| {
+        out.par_chunks_mut((n * hd).max(1)).enumerate().for_each(|(bi, img_out)| {
+            img_out.par_chunks_mut((rows * hd).max(1)).enumerate().for_each(|(blk, o)| {
                 let (i0, nq) = (blk * rows, o.len() / hd);
                 let mut scores = vec![0f32; nq * m];
                 for hi in 0..h {
@@ -447,7 +447,7 @@ impl candle_core::CustomOp3 for AttentionCpu {
         let (q, k, v) = (contiguous_f32(qs, ql, "attention")?, contiguous_f32(ks, kl, "attention")?, contiguous_f32(vs, vl, "attention")?);
         let (b, n, hd) = ql.shape().dims3()?;
         let (kb, m, khd) = kl.shape().dims3()?;
-        if kb != b || khd != hd || vl.dims() != kl.dims() || hd % self.heads != 0 || m == 0 {
+        if kb != b || khd != hd || vl.dims() != kl.dims() || hd == 0 || self.heads == 0 || hd % self.heads != 0 || m == 0 {
             candle_core::bail!("attention: q {:?}, k {:?}, v {:?} for {} heads", ql.dims(), kl.dims(), vl.dims(), self.heads);
         }
         let (h, d) = (self.heads, hd / self.heads);
@@ -472,9 +472,9 @@ impl candle_core::CustomOp3 for AttentionCpu {
         let mut out = vec![0f32; b * n * hd];
         // Row runs of a multiple of the 4-query block, about four per thread per image.
         let rows = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(16).next_multiple_of(4).min(n.max(1));
-        out.par_chunks_mut(n * hd)
+        out.par_chunks_mut((n * hd).max(1))
             .enumerate()
-            .flat_map(|(bi, img)| img.par_chunks_mut(rows * hd).enumerate().map(move |(c, o)| (bi, c * rows, o)))
+            .flat_map(|(bi, img)| img.par_chunks_mut((rows * hd).max(1)).enumerate().map(move |(c, o)| (bi, c * rows, o)))
             .for_each(|(bi, i0, o)| {
                 let mut scratch = Vec::new();
                 let nrows = o.len() / hd;
