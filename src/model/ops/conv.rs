@@ -13,11 +13,11 @@
 //! plain copies of `C` floats. Pixels go in tiles that keep the patches in cache; each tile's
 //! result is transposed back to `[B, O, H, W]` with the bias added on the way.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::model::gemm::{MatRef, matmul_into_parallel};
 
 /// `x [B, C, H, W]` convolved with `w [O, C, k, k]`, symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -271,36 +271,40 @@ impl FrozenConv {
         let (w_store, w_layout) = self.w_pm.storage_and_layout();
         let Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("frozen-conv2d: kernel not on the CPU") };
         let tile = tile_pixels(kc, pixels);
-        let gemm = |lhs: &CpuStorage, offset: usize, n: usize| -> candle_core::Result<Vec<f32>> {
-            let l = Layout::contiguous_with_offset((n, kc), offset);
-            match lhs.matmul(w_cpu, (1, n, self.o, kc), &l, w_layout)? {
-                CpuStorage::F32(y) => Ok(y),
-                _ => candle_core::bail!("frozen-conv2d: gemm gave no f32"),
-            }
+        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous kernel") };
+        let CpuStorage::F32(w_data) = w_cpu else { candle_core::bail!("frozen-conv2d: f32 kernel expected") };
+        let kernel = MatRef { data: &w_data[w_start..w_end], rows: kc, cols: self.o, row_stride: self.o, col_stride: 1 };
+        // `n` patch rows starting at `patches[0]`, times the kernel, into `dst` (`n × O`): gemm
+        // writes every element, so `dst` is a reused buffer, never zeroed per tile.
+        let gemm = |dst: &mut [f32], patches: &[f32], n: usize| {
+            let lhs = MatRef { data: patches, rows: n, cols: kc, row_stride: kc, col_stride: 1 };
+            matmul_into_parallel(&mut dst[..n * self.o], self.o, lhs, kernel);
         };
         if self.tokens_out && g.pointwise() && tile >= pixels {
             // One gemm straight into the output.
-            let mut y = gemm(xt, xt_start, pixels)?;
+            let mut y = vec![0f32; pixels * self.o];
+            gemm(&mut y, xt_data, pixels);
             add_channel_terms(&mut y, &terms, self.o, hw_out);
             return Ok(y);
         }
         let mut out = vec![0f32; g.b * self.o * hw_out];
-        let mut cols = CpuStorage::F32(if g.pointwise() { Vec::new() } else { vec![0f32; tile.min(pixels) * kc] });
+        let mut cols = if g.pointwise() { Vec::new() } else { vec![0f32; tile.min(pixels) * kc] };
+        let mut y = vec![0f32; tile.min(pixels) * self.o];
         for p0 in (0..pixels).step_by(tile) {
             let n = tile.min(pixels - p0);
-            let mut y = if g.pointwise() {
+            if g.pointwise() {
                 // Patches are the channels-last input itself.
-                gemm(xt, xt_start + p0 * kc, n)?
+                gemm(&mut y, &xt_data[p0 * kc..], n);
             } else {
-                let CpuStorage::F32(buf) = &mut cols else { unreachable!() };
-                im2col_channels_last(xt_data, g, p0, &mut buf[..n * kc]);
-                gemm(&cols, 0, n)?
-            };
+                im2col_channels_last(xt_data, g, p0, &mut cols[..n * kc]);
+                gemm(&mut y, &cols, n);
+            }
+            let y = &mut y[..n * self.o];
             if self.tokens_out {
-                add_channel_terms_at(&mut y, &terms, self.o, hw_out, p0);
-                out[p0 * self.o..(p0 + n) * self.o].copy_from_slice(&y);
+                add_channel_terms_at(y, &terms, self.o, hw_out, p0);
+                out[p0 * self.o..(p0 + n) * self.o].copy_from_slice(y);
             } else {
-                scatter_tile(&y, &terms, residual, self.o, p0, hw_out, &mut out);
+                scatter_tile(y, &terms, residual, self.o, p0, hw_out, &mut out);
             }
         }
         Ok(out)

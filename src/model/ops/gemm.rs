@@ -26,6 +26,15 @@ impl MatRef<'_> {
 ///
 /// Panics when the shapes disagree or a view reaches outside its slice (a bug in the caller).
 pub fn matmul_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
+    product(dst, dst_row_stride, lhs, rhs, ::gemm::Parallelism::None)
+}
+
+/// [`matmul_into`] for one large product, split over rayon's threads.
+pub fn matmul_into_parallel(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
+    product(dst, dst_row_stride, lhs, rhs, ::gemm::Parallelism::Rayon(rayon::current_num_threads().max(1)))
+}
+
+fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, parallelism: ::gemm::Parallelism) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul_into: inner dimensions differ");
     assert!(lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()), "matmul_into: operand view outside its data");
@@ -62,7 +71,7 @@ pub fn matmul_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs:
             false,
             false,
             false,
-            ::gemm::Parallelism::None,
+            parallelism,
         );
     }
 }
@@ -80,6 +89,9 @@ mod tests {
         let rhs = MatRef { data: &b, rows: 4, cols: 2, row_stride: 5, col_stride: 1 };
         let mut dst = vec![7f32; 3 * 6];
         matmul_into(&mut dst, 6, lhs, rhs);
+        let mut parallel = vec![7f32; 3 * 6];
+        matmul_into_parallel(&mut parallel, 6, lhs, rhs);
+        assert_eq!(dst, parallel);
         for r in 0..3 {
             for c in 0..2 {
                 let want: f32 = (0..4).map(|t| a[r + 3 * t] * b[t * 5 + c]).sum();
