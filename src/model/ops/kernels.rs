@@ -6,7 +6,7 @@
 //! has one.
 //! Accuracy: `exp` is within about 2 ulp; the GELU's erf is within 1.5e-7 (absolute).
 
-/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX2+FMA when available, else
+/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when available, else
 /// for the baseline target. Inside `$body`, `FMA` is a const bool: use [`madd`] with it.
 macro_rules! dispatch {
     ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
