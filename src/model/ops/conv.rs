@@ -460,26 +460,16 @@ fn scatter_tile(y: &[f32], terms: &[f32], residual: Option<&[f32]>, o: usize, p0
 
 /// Per image, `[rows, cols]` → `[cols, rows]`: NCHW ↔ channels-last (`rows` = C, `cols` = H·W,
 /// or the reverse), in parallel over output rows.
-fn transpose_planes(x: &[f32], b: usize, rows: usize, cols: usize) -> Vec<f32> {
+fn transpose_planes(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(rows).enumerate().for_each(|(i, dst)| {
+    out.par_chunks_mut(rows.max(1)).enumerate().for_each(|(i, dst)| {
         let (img, col) = (i / cols, i % cols);
         let src = &x[img * rows * cols..][..rows * cols];
         for (r, d) in dst.iter_mut().enumerate() {
             *d = src[r * cols + col];
         }
     });
-    debug_assert_eq!(out.len(), b * rows * cols);
     out
-}
-
-/// Runs `f` on the `f32` data of a CPU tensor (made contiguous first).
-fn with_contiguous_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
-    let (store, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(data)) = &*store else { candle_core::bail!("frozen-conv2d: f32 CPU tensor expected") };
-    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous tensor") };
-    Ok(f(&data[start..end]))
 }
 
 /// The adjoint of [`im2col_channels_last`]: sums patch gradients `cols [pixels, k·k·C]`
@@ -536,11 +526,11 @@ impl CustomOp1 for FrozenConv {
         // Pixel-major, as the forward pass: the output gradient channels-last `[pixels, O]`
         // times the kernel `[O, k·k·C]` gives each output pixel's patch gradient.
         let hw_out = g.ho * g.wo;
-        let grad_cl = with_contiguous_f32(grad, |d| transpose_planes(d, g.b, self.o, hw_out))?;
+        let grad_cl = crate::model::fused::with_f32(grad, |d| transpose_planes(d, self.o, hw_out))?;
         let cols = Tensor::from_vec(grad_cl, (pixels, self.o), arg.device())?.matmul(&self.w_pm.t()?)?;
-        let dx = with_contiguous_f32(&cols, |cols| {
+        let dx = crate::model::fused::with_f32(&cols, |cols| {
             let dx_cl = if g.pointwise() { std::borrow::Cow::Borrowed(cols) } else { std::borrow::Cow::Owned(col2im_channels_last(cols, &g)) };
-            transpose_planes(&dx_cl, g.b, g.h * g.w, g.c)
+            transpose_planes(&dx_cl, g.h * g.w, g.c)
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
     }

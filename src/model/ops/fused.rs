@@ -104,11 +104,11 @@ impl GroupNormCpu {
 }
 
 /// Runs `f` on the `f32` data of `t` (made contiguous first), which must be on the CPU.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
     let (store, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*store else { candle_core::bail!("fused backward: tensor not on the CPU") };
-    Ok(f(contiguous_f32(cpu, layout, "fused backward")?))
+    let candle_core::Storage::Cpu(cpu) = &*store else { candle_core::bail!("fused kernel: tensor not on the CPU") };
+    Ok(f(contiguous_f32(cpu, layout, "fused kernel")?))
 }
 
 /// Layer normalisation over the last dimension (weights frozen).
