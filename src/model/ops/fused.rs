@@ -93,14 +93,18 @@ impl CustomOp1 for GroupNormCpu {
 }
 
 impl GroupNormCpu {
-    /// Mean and `1/√(var + eps)` of one group, in f64.
     fn statistics(&self, xs: &[f32]) -> (f64, f64) {
-        let n = xs.len() as f64;
-        let (s, q) = kernels::moments(xs);
-        let mean = s / n;
-        let var = (q / n - mean * mean).max(0.0);
-        (mean, 1.0 / (var + self.eps).sqrt())
+        normalisation_statistics(xs, self.eps)
     }
+}
+
+/// Mean and `1/√(var + eps)` of the values a normalisation divides by, in f64.
+fn normalisation_statistics(xs: &[f32], eps: f64) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let (s, q) = kernels::moments(xs);
+    let mean = s / n;
+    let var = (q / n - mean * mean).max(0.0);
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// Runs `f` on the `f32` data of `t` (made contiguous first), which must be on the CPU.
@@ -120,11 +124,8 @@ pub struct LayerNormCpu {
 
 impl LayerNormCpu {
     fn statistics(&self, xs: &[f32]) -> (f32, f32) {
-        let n = xs.len() as f64;
-        let (s, q) = kernels::moments(xs);
-        let mean = s / n;
-        let var = (q / n - mean * mean).max(0.0);
-        (mean as f32, (1.0 / (var + self.eps).sqrt()) as f32)
+        let (mean, inv) = normalisation_statistics(xs, self.eps);
+        (mean as f32, inv as f32)
     }
 }
 

@@ -2,14 +2,13 @@
 //! layout (`layers.{0,2,4,6,7}.weight/bias`), reading the L2-normalised CLIP image embeddings
 //! of the CLIP model it was trained on (ViT-L/14 for the published weights: 768 wide).
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::arch::aesthetic::AestheticMlp;
-use crate::model::loading::fingerprint;
 use crate::model::params::{Params, WeightStore};
 use crate::tensors::TensorFile;
 
@@ -17,7 +16,7 @@ pub struct AestheticModel {
     pub path: PathBuf,
     mlp: AestheticMlp,
     device: Device,
-    hash: OnceCell<String>,
+    files: super::FilesFingerprint,
 }
 
 impl AestheticModel {
@@ -51,7 +50,7 @@ impl AestheticModel {
             Error::Invalid(m) => Error::model(file, m),
             other => other,
         })?;
-        Ok(AestheticModel { path: file.to_path_buf(), mlp, device: device.clone(), hash: OnceCell::new() })
+        Ok(AestheticModel { path: file.to_path_buf(), mlp, device: device.clone(), files: super::FilesFingerprint::new(vec![file.to_path_buf()]) })
     }
 
     /// The width of the CLIP image embedding it reads.
@@ -60,11 +59,7 @@ impl AestheticModel {
     }
 
     pub fn fingerprint(&self) -> Result<String> {
-        if let Some(h) = self.hash.get() {
-            return Ok(h.clone());
-        }
-        let h = fingerprint(std::slice::from_ref(&self.path))?;
-        Ok(self.hash.get_or_init(|| h).clone())
+        self.files.get()
     }
 
     /// Scores of normalised CLIP image embeddings, one per row.

@@ -12,7 +12,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::model::arch::clip::{ClipConfig, ClipTowers};
-use crate::model::loading::{fingerprint, load_component_tensors, normalize_text_encoder_keys, read_config, weight_files};
+use crate::model::loading::{load_component_tensors, normalize_text_encoder_keys, read_config, weight_files};
 use crate::model::ops::resize::resize_bicubic_aa;
 use crate::model::params::{Params, WeightStore};
 use crate::model::tokenizer::Tokenizer;
@@ -26,8 +26,7 @@ pub struct ClipModel {
     mean: [f32; 3],
     std: [f32; 3],
     device: Device,
-    hash: std::cell::OnceCell<String>,
-    files: Vec<PathBuf>,
+    files: super::FilesFingerprint,
     warnings: RefCell<Vec<String>>,
 }
 
@@ -82,8 +81,7 @@ impl ClipModel {
             mean: OPENAI_MEAN,
             std: OPENAI_STD,
             device: device.clone(),
-            hash: std::cell::OnceCell::new(),
-            files,
+            files: super::FilesFingerprint::new(files),
             warnings: RefCell::new(Vec::new()),
         })
     }
@@ -94,11 +92,7 @@ impl ClipModel {
     }
 
     pub fn fingerprint(&self) -> Result<String> {
-        if let Some(h) = self.hash.get() {
-            return Ok(h.clone());
-        }
-        let h = fingerprint(&self.files)?;
-        Ok(self.hash.get_or_init(|| h).clone())
+        self.files.get()
     }
 
     /// What makes its embeddings what they are: the model files and the preprocessing (for

@@ -3,7 +3,7 @@
 //! bicubic, centre crop, ImageNet normalisation). Its embedding is the pooled CLS token,
 //! L2-normalised, so identity is a cosine as with CLIP.
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -11,7 +11,7 @@ use image::RgbImage;
 
 use crate::error::{Error, Result};
 use crate::model::arch::dinov2::{Dinov2, Dinov2Config};
-use crate::model::loading::{fingerprint, load_component_tensors, read_config, weight_files};
+use crate::model::loading::{load_component_tensors, read_config, weight_files};
 use crate::model::ops::resize::resize_bicubic_aa;
 use crate::model::params::{Params, WeightStore};
 
@@ -85,8 +85,7 @@ pub struct DinoModel {
     model: Dinov2,
     pub preprocess: DinoPreprocess,
     device: Device,
-    files: Vec<PathBuf>,
-    hash: OnceCell<String>,
+    files: super::FilesFingerprint,
 }
 
 impl DinoModel {
@@ -114,7 +113,7 @@ impl DinoModel {
         if pre_file.is_file() {
             files.push(pre_file);
         }
-        Ok(DinoModel { path: dir.to_path_buf(), model, preprocess, device: device.clone(), files, hash: OnceCell::new() })
+        Ok(DinoModel { path: dir.to_path_buf(), model, preprocess, device: device.clone(), files: super::FilesFingerprint::new(files) })
     }
 
     /// A model of `config` with seeded random weights: for tests of the published layouts.
@@ -122,15 +121,11 @@ impl DinoModel {
         let store = WeightStore::random(seed, DType::F32, device);
         let targets = RefCell::new(Default::default());
         let model = Dinov2::load(&Params::root(&store, &targets), config)?;
-        Ok(DinoModel { path: PathBuf::from("<random>"), model, preprocess: DinoPreprocess::default(), device: device.clone(), files: Vec::new(), hash: OnceCell::new() })
+        Ok(DinoModel { path: PathBuf::from("<random>"), model, preprocess: DinoPreprocess::default(), device: device.clone(), files: Default::default() })
     }
 
     pub fn fingerprint(&self) -> Result<String> {
-        if let Some(h) = self.hash.get() {
-            return Ok(h.clone());
-        }
-        let h = fingerprint(&self.files)?;
-        Ok(self.hash.get_or_init(|| h).clone())
+        self.files.get()
     }
 
     /// What makes its embeddings what they are: the model files and the preprocessing (for

@@ -51,6 +51,28 @@ impl ImageEncoder {
     }
 }
 
+/// The content hash of a model's files, computed on first use and then kept: a scorer's
+/// fingerprint is part of every embedding cache key it looks up.
+#[derive(Debug, Default)]
+pub(crate) struct FilesFingerprint {
+    files: Vec<std::path::PathBuf>,
+    hash: std::cell::OnceCell<String>,
+}
+
+impl FilesFingerprint {
+    pub(crate) fn new(files: Vec<std::path::PathBuf>) -> Self {
+        FilesFingerprint { files, hash: Default::default() }
+    }
+
+    pub(crate) fn get(&self) -> Result<String> {
+        if let Some(h) = self.hash.get() {
+            return Ok(h.clone());
+        }
+        let h = crate::model::loading::fingerprint(&self.files)?;
+        Ok(self.hash.get_or_init(|| h).clone())
+    }
+}
+
 /// A `preprocessor_config.json` field of three numbers (`image_mean`, `image_std`).
 fn rgb_triplet(v: &serde_json::Value, key: &str) -> Option<[f32; 3]> {
     let a = v[key].as_array()?;
