@@ -550,6 +550,17 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
+    /// `ours` and `theirs`, both computed from `x`, agree, and so do their gradients to `x`
+    /// under the same random weighting of the output.
+    fn assert_same_output_and_input_gradient(x: &Var, ours: &Tensor, theirs: &Tensor, case: &str) {
+        assert!(max_diff(ours, theirs) < 1e-4, "forward {case}");
+        let probe = randn(ours.dims(), 3);
+        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
+        assert!(max_diff(a, b) < 1e-4, "input gradient {case}");
+    }
+
     #[test]
     fn frozen_conv_matches_candle_forward_and_input_gradient() {
         for (k, stride, padding, h, w) in [(3, 1, 1, 9, 7), (3, 2, 1, 8, 8), (3, 2, 0, 9, 9), (1, 1, 0, 5, 6), (3, 1, 0, 6, 5)] {
@@ -557,12 +568,7 @@ mod tests {
             let kernel = randn(&[4, 3, k, k], 2);
             let ours = conv2d(x.as_tensor(), &kernel, padding, stride).unwrap();
             let theirs = x.as_tensor().conv2d(&kernel, padding, stride, 1, 1).unwrap();
-            assert!(max_diff(&ours, &theirs) < 1e-4, "forward k{k} s{stride} p{padding}");
-            let probe = randn(ours.dims(), 3);
-            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
-            assert!(max_diff(a, b) < 1e-4, "input gradient k{k} s{stride} p{padding}");
+            assert_same_output_and_input_gradient(&x, &ours, &theirs, &format!("k{k} s{stride} p{padding}"));
         }
     }
 
@@ -582,12 +588,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&temb.reshape((2, 4, 1, 1)).unwrap())
                 .unwrap();
-            assert!(max_diff(&ours, &theirs) < 1e-4, "forward k{k} s{stride} p{padding}");
-            let probe = randn(ours.dims(), 5);
-            let g1 = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (&theirs * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let (a, b) = (g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap());
-            assert!(max_diff(a, b) < 1e-4, "input gradient k{k} s{stride} p{padding}");
+            assert_same_output_and_input_gradient(&x, &ours, &theirs, &format!("k{k} s{stride} p{padding}"));
         }
         // A channel term that needs its own gradient is not folded (it would lose it).
         let x = randn(&[1, 3, 4, 4], 6);
