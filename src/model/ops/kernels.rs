@@ -446,6 +446,40 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// `dst = s₀·a + s₁·b + s₂·c + s₃·d` element by element (signs of ±1): one position of the
+    /// Winograd input transform `Bᵀ d B` for a row of channels.
+    pub fn signed_sum4(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32], signs: [f32; 4]) {
+        let n = dst.len();
+        let (a, b, c, d) = (&a[..n], &b[..n], &c[..n], &d[..n]);
+        let [sa, sb, sc, sd] = signs;
+        for i in 0..n {
+            dst[i] = sa * a[i] + sb * b[i] + sc * c[i] + sd * d[i];
+        }
+    }
+}
+
+dispatch! {
+    /// The Winograd F(2×2, 3×3) output transform `Aᵀ M A` of one tile: `m` holds the tile's 16
+    /// product rows of `o` values, `stride` apart; `out` receives its 2×2 pixels (row-major),
+    /// `o` values each.
+    pub fn winograd_output_tile(m: &[f32], stride: usize, o: usize, out: &mut [f32]) {
+        let r: [&[f32]; 16] = std::array::from_fn(|xi| &m[xi * stride..][..o]);
+        let (y0, rest) = out[..4 * o].split_at_mut(o);
+        let (y1, rest) = rest.split_at_mut(o);
+        let (y2, y3) = rest.split_at_mut(o);
+        for k in 0..o {
+            // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] over the rows, then over the columns.
+            let top: [f32; 4] = std::array::from_fn(|j| r[j][k] + r[4 + j][k] + r[8 + j][k]);
+            let bottom: [f32; 4] = std::array::from_fn(|j| r[4 + j][k] - r[8 + j][k] - r[12 + j][k]);
+            y0[k] = top[0] + top[1] + top[2];
+            y1[k] = top[1] - top[2] - top[3];
+            y2[k] = bottom[0] + bottom[1] + bottom[2];
+            y3[k] = bottom[1] - bottom[2] - bottom[3];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,11 +10,12 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::DType;
-use candle_core::{D, Module, Tensor, TensorId};
+use candle_core::{D, Module, Tensor};
 
 use crate::error::Result;
 use crate::model::adapters::{AdaptableLayer, LayerKind};
 pub use crate::model::conv::ConvExtras;
+use crate::model::conv::FrozenKernel;
 use crate::model::params::{Init, Params};
 
 /// `a @ b` with `a` made contiguous first (see the module docs).
@@ -121,9 +122,9 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
-    /// The effective weight in the fast CPU kernel's layout, keyed by the weight's id (a new
-    /// LoRA merge makes a new weight tensor).
-    pixel_major: Arc<Mutex<Option<(TensorId, Tensor)>>>,
+    /// The effective weight with its fast CPU kernel layouts, replaced when the weight is (a
+    /// new LoRA merge makes a new weight tensor).
+    frozen: Arc<Mutex<Option<FrozenKernel>>>,
 }
 
 impl Conv2d {
@@ -145,7 +146,7 @@ impl Conv2d {
             weight,
         );
         p.register(layer.clone());
-        Ok(Conv2d { layer, bias, stride, padding, pixel_major: Default::default() })
+        Ok(Conv2d { layer, bias, stride, padding, frozen: Default::default() })
     }
 
     pub fn layer(&self) -> &Arc<AdaptableLayer> {
@@ -168,8 +169,7 @@ impl Conv2d {
         let w = self.layer.effective_weight();
         let live = self.layer.live_adapters();
         if live.is_empty() && !x.track_op() && fused_cpu(x) {
-            let pm = self.pixel_major_kernel(&w)?;
-            let y = crate::model::conv::conv2d_inference(x, &w, Some(&pm), self.bias.as_ref(), self.padding, self.stride, extras)?;
+            let y = crate::model::conv::conv2d_inference(x, &self.frozen_kernel(&w), self.bias.as_ref(), self.padding, self.stride, extras)?;
             if let Some(y) = y {
                 return Ok(y);
             }
@@ -185,8 +185,7 @@ impl Conv2d {
         // Training: a frozen kernel differentiates to its input only, with the bias and an
         // untracked time embedding folded into its output pass.
         let channel_add = extras.channel_add.filter(|t| !t.track_op());
-        let pm = if fused_cpu(&x) && !w.track_op() { Some(self.pixel_major_kernel(&w)?) } else { None };
-        let (mut y, add_done) = match crate::model::conv::conv2d_frozen(&x, &w, pm.as_ref(), self.bias.as_ref(), channel_add, self.padding, self.stride)? {
+        let (mut y, add_done) = match crate::model::conv::conv2d_frozen(&x, &self.frozen_kernel(&w), self.bias.as_ref(), channel_add, self.padding, self.stride)? {
             Some(y) => (y, channel_add.is_some()),
             None => {
                 let mut y = conv2d(&x, &w, self.padding, self.stride)?;
@@ -214,15 +213,17 @@ impl Conv2d {
         Ok(y)
     }
 
-    fn pixel_major_kernel(&self, w: &Tensor) -> Result<Tensor> {
-        let mut cache = self.pixel_major.lock().expect("conv cache lock poisoned");
-        if let Some((id, t)) = cache.as_ref()
-            && *id == w.id() {
-                return Ok(t.clone());
+    /// `w` (the current effective weight) with the layouts made for it so far.
+    fn frozen_kernel(&self, w: &Tensor) -> FrozenKernel {
+        let mut cache = self.frozen.lock().expect("conv cache lock poisoned");
+        match cache.as_ref() {
+            Some(k) if k.weight().id() == w.id() => k.clone(),
+            _ => {
+                let k = FrozenKernel::new(w);
+                *cache = Some(k.clone());
+                k
             }
-        let t = crate::model::conv::pixel_major_kernel(w)?;
-        *cache = Some((w.id(), t.clone()));
-        Ok(t)
+        }
     }
 }
 
