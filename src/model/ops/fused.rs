@@ -10,6 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::model::gemm::{MatRef, matmul_add_into_parallel, matmul_into_parallel};
 use crate::model::kernels;
 
 /// Group normalisation over `[B, C, ...]`, optionally followed by SiLU.
@@ -313,7 +314,6 @@ impl CustomOp1 for LinearCpu {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous input") };
         let (out_f, in_f) = self.weight.dims2()?;
         let mut dims = layout.dims().to_vec();
@@ -321,54 +321,65 @@ impl CustomOp1 for LinearCpu {
             candle_core::bail!("linear: input {dims:?} for a weight of {out_f}x{in_f}");
         }
         let rows = (end - start) / in_f.max(1);
+        let CpuStorage::F32(x) = storage else { candle_core::bail!("linear: f32 only") };
+        let x = &x[start..end];
         let (w_store, w_layout) = self.weight.storage_and_layout();
-        let candle_core::Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("linear: weight not on the CPU") };
-        let Some((w_start, _)) = w_layout.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous weight") };
-        // The weight read as its transpose `[in, out]`.
-        let wt = Layout::new(Shape::from((in_f, out_f)), vec![1, in_f], w_start);
-        let x = Layout::contiguous_with_offset((rows, in_f), start);
-        let CpuStorage::F32(mut y) = storage.matmul(w_cpu, (1, rows, out_f, in_f), &x, &wt)? else {
-            candle_core::bail!("linear: f32 only")
-        };
+        let candle_core::Storage::Cpu(CpuStorage::F32(w)) = &*w_store else { candle_core::bail!("linear: f32 weight on the CPU expected") };
+        let Some((w_start, w_end)) = w_layout.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous weight") };
         let bias = match &self.bias {
-            Some(b) => b.to_vec1::<f32>()?,
-            None => vec![0f32; out_f],
+            Some(b) => Some(b.to_vec1::<f32>()?),
+            None => None,
         };
-        let per_task = rows_per_task(rows, out_f, 16 * 1024);
-        if self.geglu {
-            let half = out_f / 2;
-            *dims.last_mut().expect("non-empty") = half;
-            let mut out = vec![0f32; rows * half];
-            out.par_chunks_mut(per_task * half).zip(y.par_chunks_mut(per_task * out_f)).for_each(|(o, ys)| {
-                for row in ys.chunks_exact_mut(out_f) {
-                    kernels::add_rows(row, &bias);
-                }
-                kernels::geglu_rows(ys, o, half);
-            });
-            return Ok((CpuStorage::F32(out), Shape::from(dims)));
-        }
-        *dims.last_mut().expect("non-empty") = out_f;
         let residual_guard = self.residual.as_ref().map(|r| r.storage_and_layout());
         let residual = match &residual_guard {
             Some((store, l)) => {
                 let candle_core::Storage::Cpu(CpuStorage::F32(r)) = &**store else { candle_core::bail!("linear: residual must be f32 on the CPU") };
                 let Some((rs, re)) = l.contiguous_offsets() else { candle_core::bail!("linear: non-contiguous residual") };
-                if re - rs != y.len() {
-                    candle_core::bail!("linear: residual {:?} does not match the output {dims:?}", l.dims());
+                if re - rs != rows * out_f || self.geglu {
+                    candle_core::bail!("linear: residual {:?} does not match the output", l.dims());
                 }
                 Some(&r[rs..re])
             }
             None => None,
         };
-        y.par_chunks_mut(per_task * out_f).enumerate().for_each(|(t, ys)| {
-            let res = residual.map(|r| &r[t * per_task * out_f..][..ys.len()]);
-            for (i, row) in ys.chunks_exact_mut(out_f).enumerate() {
-                kernels::add_rows(row, &bias);
-                if let Some(r) = res {
-                    kernels::add_rows(row, &r[i * out_f..(i + 1) * out_f]);
+        // The output starts as bias + residual (or is left for gemm to overwrite), and gemm adds
+        // the product in its own pass: no zeroing, no second pass.
+        let per_task = rows_per_task(rows, out_f, 16 * 1024);
+        let mut y = vec![0f32; rows * out_f];
+        let accumulate = bias.is_some() || residual.is_some();
+        if accumulate {
+            y.par_chunks_mut(per_task * out_f).enumerate().for_each(|(t, ys)| {
+                let res = residual.map(|r| &r[t * per_task * out_f..][..ys.len()]);
+                for (i, row) in ys.chunks_exact_mut(out_f).enumerate() {
+                    match (res, &bias) {
+                        (Some(r), b) => {
+                            row.copy_from_slice(&r[i * out_f..(i + 1) * out_f]);
+                            if let Some(b) = b {
+                                kernels::add_rows(row, b);
+                            }
+                        }
+                        (None, Some(b)) => row.copy_from_slice(b),
+                        (None, None) => {}
+                    }
                 }
-            }
-        });
+            });
+        }
+        // The weight `[out, in]` read as its transpose `[in, out]`.
+        let lhs = MatRef { data: x, rows, cols: in_f, row_stride: in_f, col_stride: 1 };
+        let rhs = MatRef { data: &w[w_start..w_end], rows: in_f, cols: out_f, row_stride: 1, col_stride: in_f };
+        if accumulate {
+            matmul_add_into_parallel(&mut y, out_f, lhs, rhs);
+        } else {
+            matmul_into_parallel(&mut y, out_f, lhs, rhs);
+        }
+        if self.geglu {
+            let half = out_f / 2;
+            *dims.last_mut().expect("non-empty") = half;
+            let mut out = vec![0f32; rows * half];
+            out.par_chunks_mut(per_task * half).zip(y.par_chunks(per_task * out_f)).for_each(|(o, ys)| kernels::geglu_rows(ys, o, half));
+            return Ok((CpuStorage::F32(out), Shape::from(dims)));
+        }
+        *dims.last_mut().expect("non-empty") = out_f;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 

@@ -26,15 +26,25 @@ impl MatRef<'_> {
 ///
 /// Panics when the shapes disagree or a view reaches outside its slice (a bug in the caller).
 pub fn matmul_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
-    product(dst, dst_row_stride, lhs, rhs, ::gemm::Parallelism::None)
+    product(dst, dst_row_stride, lhs, rhs, false, ::gemm::Parallelism::None)
 }
 
 /// [`matmul_into`] for one large product, split over rayon's threads.
 pub fn matmul_into_parallel(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
-    product(dst, dst_row_stride, lhs, rhs, ::gemm::Parallelism::Rayon(rayon::current_num_threads().max(1)))
+    product(dst, dst_row_stride, lhs, rhs, false, parallel())
 }
 
-fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, parallelism: ::gemm::Parallelism) {
+/// `dst += lhs · rhs`, split over rayon's threads: what `dst` already holds (a bias, a residual)
+/// is added in the product's own pass over it.
+pub fn matmul_add_into_parallel(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
+    product(dst, dst_row_stride, lhs, rhs, true, parallel())
+}
+
+fn parallel() -> ::gemm::Parallelism {
+    ::gemm::Parallelism::Rayon(rayon::current_num_threads().max(1))
+}
+
+fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>, accumulate: bool, parallelism: ::gemm::Parallelism) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "matmul_into: inner dimensions differ");
     assert!(lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()), "matmul_into: operand view outside its data");
@@ -44,6 +54,9 @@ fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<
         return;
     }
     if k == 0 {
+        if accumulate {
+            return;
+        }
         for r in 0..m {
             dst[r * dst_row_stride..][..n].fill(0.0);
         }
@@ -59,14 +72,14 @@ fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<
             dst.as_mut_ptr(),
             1,
             dst_row_stride as isize,
-            false,
+            accumulate,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -92,10 +105,14 @@ mod tests {
         let mut parallel = vec![7f32; 3 * 6];
         matmul_into_parallel(&mut parallel, 6, lhs, rhs);
         assert_eq!(dst, parallel);
+        // Accumulating adds the product to what the destination holds.
+        let mut acc = vec![1f32; 3 * 6];
+        matmul_add_into_parallel(&mut acc, 6, lhs, rhs);
         for r in 0..3 {
             for c in 0..2 {
                 let want: f32 = (0..4).map(|t| a[r + 3 * t] * b[t * 5 + c]).sum();
                 assert!((dst[r * 6 + c] - want).abs() < 1e-5, "({r}, {c})");
+                assert!((acc[r * 6 + c] - want - 1.0).abs() < 1e-5, "accumulated ({r}, {c})");
             }
             // Columns outside the product are left alone.
             assert_eq!(dst[r * 6 + 2], 7.0);

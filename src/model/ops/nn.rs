@@ -57,6 +57,15 @@ impl Linear {
         self.forward_fused(x, None, false)
     }
 
+    /// The id of the weight this layer computes with, when that is all it computes with: no
+    /// trainable adapter runs beside it and nothing about it needs a gradient. Equal ids mean
+    /// equal outputs for the same input.
+    pub fn frozen_weight_id(&self) -> Option<candle_core::TensorId> {
+        let w = self.layer.effective_weight();
+        let frozen = !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op());
+        (frozen && self.layer.live_adapters().is_empty()).then(|| w.id())
+    }
+
     /// `forward(x) + residual`; one pass over the output on the CPU without gradients.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         self.forward_fused(x, Some(residual), false)

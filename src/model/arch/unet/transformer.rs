@@ -1,6 +1,8 @@
 //! The spatial transformer of SD UNets: `Transformer2DModel` with its `BasicTransformerBlock`s.
 
-use candle_core::Tensor;
+use std::sync::Mutex;
+
+use candle_core::{Tensor, TensorId};
 
 use crate::error::Result;
 use crate::model::nn::{Conv2d, ConvExtras, GroupNorm, LayerNorm, Linear, attention_heads};
@@ -13,6 +15,17 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// The keys and values of the last cross-attention context: a generation passes the same
+    /// text context at every step, so its projections are made once per generation.
+    context_kv: Mutex<Option<ContextKv>>,
+}
+
+/// Keys and values of one context, with the ids of the context and the weights they came from
+/// (candle never reuses a tensor id, and a LoRA merge makes a new weight tensor).
+struct ContextKv {
+    ids: (TensorId, TensorId, TensorId),
+    k: Tensor,
+    v: Tensor,
 }
 
 impl Attention {
@@ -24,6 +37,7 @@ impl Attention {
             to_v: Linear::load(&p.pp("to_v"), context_dim, inner, false)?,
             to_out: Linear::load(&p.pp("to_out").pp(0), inner, query_dim, true)?,
             heads,
+            context_kv: Mutex::new(None),
         })
     }
 
@@ -38,15 +52,36 @@ impl Attention {
     }
 
     fn forward_impl(&self, x: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
+        let (k, v) = match context {
+            Some(ctx) => self.context_keys_and_values(ctx)?,
+            None => (self.to_k.forward(x)?, self.to_v.forward(x)?),
+        };
         let o = attention_heads(&q, &k, &v, self.heads)?;
         match residual {
             Some(r) => self.to_out.forward_residual(&o, r),
             None => self.to_out.forward(&o),
         }
+    }
+}
+
+impl Attention {
+    /// `to_k(ctx)` and `to_v(ctx)`, from the cache when they were made from this very context and
+    /// these weights, and nothing needs a gradient (training always recomputes).
+    fn context_keys_and_values(&self, ctx: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ids = match (self.to_k.frozen_weight_id(), self.to_v.frozen_weight_id()) {
+            (Some(k), Some(v)) if !ctx.track_op() => Some((ctx.id(), k, v)),
+            _ => None,
+        };
+        let mut cache = self.context_kv.lock().expect("attention cache lock poisoned");
+        if let (Some(ids), Some(c)) = (ids, cache.as_ref())
+            && c.ids == ids
+        {
+            return Ok((c.k.clone(), c.v.clone()));
+        }
+        let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
+        *cache = ids.map(|ids| ContextKv { ids, k: k.clone(), v: v.clone() });
+        Ok((k, v))
     }
 }
 
@@ -169,5 +204,49 @@ impl SpatialTransformer {
                 Ok((y + residual)?)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+
+    use super::*;
+    use crate::model::adapters::MergedDelta;
+    use crate::model::params::WeightStore;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::model::noise::Rng::new(seed);
+        crate::model::noise::randn(&mut rng, shape, &Device::Cpu).unwrap()
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> bool {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() == 0.0
+    }
+
+    #[test]
+    fn context_projections_are_reused_only_for_the_same_context_and_weights() {
+        let store = WeightStore::random(3, DType::F32, &Device::Cpu);
+        let targets = Default::default();
+        let attn = Attention::load(&Params::root(&store, &targets).pp("attn"), 8, 6, 2, 4).unwrap();
+        let (x, ctx) = (randn(&[2, 5, 8], 1), randn(&[2, 7, 6], 2));
+        let first = attn.forward(&x, Some(&ctx)).unwrap();
+        assert!(attn.context_kv.lock().unwrap().is_some(), "an untracked context is kept");
+        assert!(same(&first, &attn.forward(&x, Some(&ctx)).unwrap()));
+        // A new context tensor (even with equal values) is a new computation.
+        let other = randn(&[2, 7, 6], 4);
+        let with_other = attn.forward(&x, Some(&other)).unwrap();
+        assert!(!same(&first, &with_other));
+        // A LoRA merged into to_k makes a new weight: the cached keys are not used.
+        attn.forward(&x, Some(&ctx)).unwrap();
+        let delta = MergedDelta { down: randn(&[2, 6], 5), up: randn(&[8, 2], 6), scale: 1.0 };
+        attn.to_k.layer().set_merged(vec![delta]).unwrap();
+        let merged = attn.forward(&x, Some(&ctx)).unwrap();
+        assert!(!same(&first, &merged));
+        assert!(same(&merged, &attn.forward(&x, Some(&ctx.copy().unwrap())).unwrap()), "merged result equals a fresh computation");
+        // A context that needs a gradient is never kept.
+        let tracked = Var::from_tensor(&ctx).unwrap();
+        attn.forward(&x, Some(tracked.as_tensor())).unwrap();
+        assert!(attn.context_kv.lock().unwrap().is_none());
     }
 }
