@@ -52,7 +52,7 @@ enum Command {
 
 /// Parses the command line and runs the subcommand.
 pub fn run() -> Result<ExitCode> {
-    crate::device::pin_thread_counts();
+    crate::device::prepare_process();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
