@@ -104,3 +104,9 @@ pub fn randn(rng: &mut Rng, shape: &[usize], device: &Device) -> Result<Tensor> 
     let n = shape.iter().product();
     Ok(Tensor::from_vec(rng.normals(n), shape, &Device::Cpu)?.to_device(device)?)
 }
+
+/// Unit tests' random CPU tensor: standard normals from `seed`.
+#[cfg(test)]
+pub fn seeded_randn(shape: &[usize], seed: u64) -> Tensor {
+    randn(&mut Rng::new(seed), shape, &Device::Cpu).expect("a CPU tensor of normals")
+}

@@ -215,10 +215,7 @@ mod tests {
     use crate::model::adapters::MergedDelta;
     use crate::model::params::WeightStore;
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::model::noise::Rng::new(seed);
-        crate::model::noise::randn(&mut rng, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::noise::seeded_randn as randn;
 
     fn same(a: &Tensor, b: &Tensor) -> bool {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() == 0.0

@@ -617,10 +617,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = crate::model::noise::Rng::new(seed);
-        crate::model::noise::randn(&mut rng, shape, &Device::Cpu).unwrap()
-    }
+    use crate::model::noise::seeded_randn as randn;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
