@@ -14,7 +14,7 @@ pub fn prepare_process() {
 
 /// Makes glibc's malloc serve every thread from one arena. By default each thread that allocates
 /// gets its own arena, and freed tensor-sized blocks stay mapped in whichever arena held them:
-/// the portrait suite's peak resident memory measured 293 MB that way and 256 MB with one arena
+/// the portrait suite's peak resident memory measured 293 MB that way and 249-257 MB with one arena
 /// (medians, `scripts/peak-memory.sh`), with no change in speed (allocations here are few and
 /// large). A no-op on other C libraries.
 pub fn one_allocator_arena() {

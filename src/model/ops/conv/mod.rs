@@ -324,12 +324,12 @@ impl FrozenConv {
         };
         let mut out = vec![0f32; g.b * self.o * hw_out];
         // Places the output pixels `p0..` (pixel-major rows `y [n, O]`) with every added term.
-        let mut place = |p0: usize, y: &mut [f32]| {
+        let place = |out: &mut [f32], p0: usize, y: &mut [f32]| {
             if self.tokens_out {
                 add_channel_terms_at(y, &terms, self.o, hw_out, p0);
                 out[p0 * self.o..][..y.len()].copy_from_slice(y);
             } else {
-                scatter_tile(y, &terms, residual, self.o, p0, hw_out, &mut out);
+                scatter_tile(y, &terms, residual, self.o, p0, hw_out, out);
             }
         };
         let w_pm = match &self.forward {
@@ -337,7 +337,7 @@ impl FrozenConv {
             ForwardKernel::Winograd(kernel) => {
                 let tiling = Tiling::new(g.b, g.ho, g.wo);
                 let xp = channels_last(x_data, g, in_hw, self.tokens_in.is_some(), g.p, tiling.padded_size());
-                winograd::convolve(kernel, &xp, &tiling, place);
+                winograd::convolve(kernel, &xp, &tiling, |p0, y| place(&mut out, p0, y));
                 return Ok(out);
             }
         };
@@ -364,10 +364,9 @@ impl FrozenConv {
         };
         if self.tokens_out && g.pointwise() && tile >= pixels {
             // One gemm straight into the output.
-            let mut y = vec![0f32; pixels * self.o];
-            gemm(&mut y, xt_data, pixels);
-            add_channel_terms_at(&mut y, &terms, self.o, hw_out, 0);
-            return Ok(y);
+            gemm(&mut out, xt_data, pixels);
+            add_channel_terms_at(&mut out, &terms, self.o, hw_out, 0);
+            return Ok(out);
         }
         let mut cols = if g.pointwise() { Vec::new() } else { vec![0f32; tile.min(pixels) * kc] };
         let mut y = vec![0f32; tile.min(pixels) * self.o];
@@ -380,7 +379,7 @@ impl FrozenConv {
                 im2col_channels_last(xt_data, g, p0, &mut cols[..n * kc]);
                 gemm(&mut y, &cols, n);
             }
-            place(p0, &mut y[..n * self.o]);
+            place(&mut out, p0, &mut y[..n * self.o]);
         }
         Ok(out)
     }
