@@ -1,5 +1,4 @@
-//! `device::one_allocator_arena`, alone in its test binary: it tunes the whole process's
-//! allocator.
+//! `device::tune_allocator`, alone in its test binary: it tunes the whole process's allocator.
 
 /// How many arenas glibc's malloc has, from its own report (`malloc_info`, one `<heap>` each).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -21,7 +20,7 @@ fn arena_count() -> usize {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 fn threads_that_allocate_at_once_share_one_arena() {
-    loragate::device::one_allocator_arena();
+    loragate::device::tune_allocator();
     // The test harness's threads allocated before the call; no arena may be added after it.
     let arenas = arena_count();
     // Four threads allocating at the same time: by default each would get an arena of its own.
@@ -41,4 +40,41 @@ fn threads_that_allocate_at_once_share_one_arena() {
         assert_eq!(t.join().unwrap(), 64);
     }
     assert_eq!(arena_count(), arenas, "new threads got arenas of their own");
+}
+
+/// Minor page faults of the calling thread so far.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn thread_page_faults() -> i64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        assert_eq!(libc::getrusage(libc::RUSAGE_THREAD, &mut usage), 0);
+        usage.ru_minflt
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn freed_tensor_sized_blocks_are_reused_without_faulting_their_pages_in_again() {
+    use loragate::device::{HEAP_BLOCK_LIMIT, HEAP_KEEP_FREE};
+    loragate::device::tune_allocator();
+    // A layer's worth of activation buffers, all live at once, then all freed, over and over.
+    // Untuned, glibc maps blocks this size afresh or gives the freed heap top back (its
+    // thresholds follow the largest block freed so far: 4 MB blocks, 8 MB of free top), so
+    // every round faults all of its pages in again.
+    let (len, count) = (HEAP_BLOCK_LIMIT / 8, 5);
+    assert!(len * count < HEAP_KEEP_FREE);
+    let round = || {
+        let blocks: Vec<Vec<u8>> = (0..count).map(|i| vec![i as u8 + 1; len]).collect();
+        std::hint::black_box(&blocks);
+    };
+    round();
+    round();
+    let before = thread_page_faults();
+    for _ in 0..3 {
+        round();
+    }
+    let faults = thread_page_faults() - before;
+    let pages = (3 * count * len / 4096) as i64;
+    assert!(faults < pages / 10, "{faults} page faults for {pages} pages of reused blocks");
 }
