@@ -34,6 +34,11 @@ pub fn matmul_into_parallel(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<
     product(dst, dst_row_stride, lhs, rhs, false, parallel())
 }
 
+/// `dst += lhs · rhs` on one thread (see [`matmul_into`]).
+pub fn matmul_add_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
+    product(dst, dst_row_stride, lhs, rhs, true, ::gemm::Parallelism::None)
+}
+
 /// `dst += lhs · rhs`, split over rayon's threads: what `dst` already holds (a bias, a residual)
 /// is added in the product's own pass over it.
 pub fn matmul_add_into_parallel(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {

@@ -446,36 +446,121 @@ dispatch! {
     }
 }
 
-dispatch! {
-    /// `dst = s₀·a + s₁·b + s₂·c + s₃·d` element by element (signs of ±1): one position of the
-    /// Winograd input transform `Bᵀ d B` for a row of channels.
-    pub fn signed_sum4(dst: &mut [f32], a: &[f32], b: &[f32], c: &[f32], d: &[f32], signs: [f32; 4]) {
-        let n = dst.len();
-        let (a, b, c, d) = (&a[..n], &b[..n], &c[..n], &d[..n]);
-        let [sa, sb, sc, sd] = signs;
-        for i in 0..n {
-            dst[i] = sa * a[i] + sb * b[i] + sc * c[i] + sd * d[i];
+/// Channels per register block of the Winograd transforms (one AVX-512 vector).
+const WB: usize = 16;
+
+/// `Bᵀ v` of F(4×4, 3×3) for six vectors `v` (a patch column or a row of the half-done
+/// transform), with `Bᵀ`'s shared terms computed once: 12 operations per lane instead of 22.
+#[inline(always)]
+fn input_transform_6<const FMA: bool, const W: usize>(v: [[f32; W]; 6]) -> [[f32; W]; 6] {
+    let mut t = [[0f32; W]; 6];
+    for l in 0..W {
+        let [d0, d1, d2, d3, d4, d5] = std::array::from_fn(|i| v[i][l]);
+        let (s12, s34) = (d1 + d2, d3 + d4);
+        let (m12, m43) = (d1 - d2, d4 - d3);
+        let (d42, d31) = (d4 - d2, d3 - d1);
+        t[0][l] = madd::<FMA>(4.0, d0, madd::<FMA>(-5.0, d2, d4));
+        t[1][l] = madd::<FMA>(-4.0, s12, s34);
+        t[2][l] = madd::<FMA>(4.0, m12, m43);
+        t[3][l] = madd::<FMA>(2.0, d31, d42);
+        t[4][l] = madd::<FMA>(-2.0, d31, d42);
+        t[5][l] = madd::<FMA>(4.0, d1, madd::<FMA>(-5.0, d3, d5));
+    }
+    t
+}
+
+/// `Bᵀ d B` for `W` channels at `k0` of the 6×6 patch whose top-left pixel's channels start at
+/// `src[base]` (rows `row_stride` apart, pixels `c` apart), into `dst[(6·i + j)·c + k0..]`.
+#[inline(always)]
+fn input_block<const FMA: bool, const W: usize>(src: &[f32], base: usize, row_stride: usize, c: usize, k0: usize, dst: &mut [f32]) {
+    // Over the patch's rows for each column b: t[i][b] = Σₐ Bᵀ[i][a] · d[a][b].
+    let mut t = [[[0f32; W]; 6]; 6];
+    for b in 0..6 {
+        let column: [[f32; W]; 6] = std::array::from_fn(|a| src[base + a * row_stride + b * c + k0..][..W].try_into().expect("block"));
+        let tb = input_transform_6::<FMA, W>(column);
+        for i in 0..6 {
+            t[i][b] = tb[i];
+        }
+    }
+    // Then over the columns of each row of t.
+    for i in 0..6 {
+        let row = input_transform_6::<FMA, W>(t[i]);
+        for (j, v) in row.iter().enumerate() {
+            dst[(6 * i + j) * c + k0..][..W].copy_from_slice(v);
         }
     }
 }
 
 dispatch! {
-    /// The Winograd F(2×2, 3×3) output transform `Aᵀ M A` of one tile: `m` holds the tile's 16
-    /// product rows of `o` values, `stride` apart; `out` receives its 2×2 pixels (row-major),
+    /// The Winograd F(4×4, 3×3) input transform `Bᵀ d B` of a run of tiles: the patch of tile
+    /// `t` starts at `src[bases[t]]` (its rows `row_stride` apart, its pixels `c` apart, channels
+    /// contiguous); its 36 transformed rows of `c` values go to `dst[t·36·c..]`.
+    pub fn winograd_input_tiles(dst: &mut [f32], src: &[f32], bases: &[usize], row_stride: usize, c: usize) {
+        assert!(dst.len() >= bases.len() * 36 * c);
+        let reach = 5 * row_stride + 6 * c;
+        assert!(bases.iter().all(|&b| b + reach <= src.len()), "winograd_input_tiles: patch outside the input");
+        let full = c / WB * WB;
+        for (d, &base) in dst.chunks_exact_mut(36 * c).zip(bases) {
+            for k0 in (0..full).step_by(WB) {
+                input_block::<FMA, WB>(src, base, row_stride, c, k0, d);
+            }
+            for k0 in full..c {
+                input_block::<FMA, 1>(src, base, row_stride, c, k0, d);
+            }
+        }
+    }
+}
+
+/// Rows of the F(4×4, 3×3) output transform `Aᵀ` (4 × 6).
+pub const WINOGRAD_AT: [[f32; 6]; 4] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 4.0, 4.0, 0.0], [0.0, 1.0, -1.0, 8.0, -8.0, 1.0]];
+
+/// `Aᵀ M A` for `W` channels at `k0` of one tile (see [`winograd_output_tile`]).
+#[inline(always)]
+fn output_block<const FMA: bool, const W: usize>(m: &[f32], stride: usize, k0: usize, o: usize, out: &mut [f32]) {
+    // Over the rows first: t[r][j] = Σᵢ Aᵀ[r][i] · M[i][j].
+    let mut t = [[[0f32; W]; 6]; 4];
+    for i in 0..6 {
+        for j in 0..6 {
+            let row: &[f32; W] = m[(6 * i + j) * stride + k0..][..W].try_into().expect("block");
+            for r in 0..4 {
+                let a = WINOGRAD_AT[r][i];
+                if a != 0.0 {
+                    for l in 0..W {
+                        t[r][j][l] = madd::<FMA>(a, row[l], t[r][j][l]);
+                    }
+                }
+            }
+        }
+    }
+    // Then over the columns: Y[r][s] = Σⱼ Aᵀ[s][j] · t[r][j].
+    for r in 0..4 {
+        for s in 0..4 {
+            let mut y = [0f32; W];
+            for j in 0..6 {
+                let a = WINOGRAD_AT[s][j];
+                if a != 0.0 {
+                    for l in 0..W {
+                        y[l] = madd::<FMA>(a, t[r][j][l], y[l]);
+                    }
+                }
+            }
+            out[(4 * r + s) * o + k0..][..W].copy_from_slice(&y);
+        }
+    }
+}
+
+dispatch! {
+    /// The Winograd F(4×4, 3×3) output transform `Aᵀ M A` of one tile: `m` holds the tile's 36
+    /// product rows of `o` values, `stride` apart; `out` receives its 4×4 pixels (row-major),
     /// `o` values each.
     pub fn winograd_output_tile(m: &[f32], stride: usize, o: usize, out: &mut [f32]) {
-        let r: [&[f32]; 16] = std::array::from_fn(|xi| &m[xi * stride..][..o]);
-        let (y0, rest) = out[..4 * o].split_at_mut(o);
-        let (y1, rest) = rest.split_at_mut(o);
-        let (y2, y3) = rest.split_at_mut(o);
-        for k in 0..o {
-            // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] over the rows, then over the columns.
-            let top: [f32; 4] = std::array::from_fn(|j| r[j][k] + r[4 + j][k] + r[8 + j][k]);
-            let bottom: [f32; 4] = std::array::from_fn(|j| r[4 + j][k] - r[8 + j][k] - r[12 + j][k]);
-            y0[k] = top[0] + top[1] + top[2];
-            y1[k] = top[1] - top[2] - top[3];
-            y2[k] = bottom[0] + bottom[1] + bottom[2];
-            y3[k] = bottom[1] - bottom[2] - bottom[3];
+        assert!(m.len() >= 35 * stride + o && out.len() >= 16 * o);
+        let full = o / WB * WB;
+        for k0 in (0..full).step_by(WB) {
+            output_block::<FMA, WB>(m, stride, k0, o, out);
+        }
+        for k0 in full..o {
+            output_block::<FMA, 1>(m, stride, k0, o, out);
         }
     }
 }
