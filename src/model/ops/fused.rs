@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp1, InplaceOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::model::gemm::{MatRef, matmul_add_into_parallel, matmul_into_parallel};
+use crate::model::gemm::{MatRef, matmul_add_into, matmul_add_into_parallel, matmul_into, matmul_into_parallel};
 use crate::model::kernels;
 
 /// Group normalisation over `[B, C, ...]`, optionally followed by SiLU.
@@ -297,6 +297,19 @@ impl CustomOp1 for GegluCpu {
     }
 }
 
+/// Rows per block of [`LinearCpu`]'s blockwise GEGLU, `None` when there are too few rows to give
+/// every thread two blocks of at least 32 (then one product runs over all threads): a block's
+/// product (≤ 256 KiB) stays in L2 while its bias and GEGLU are applied.
+fn geglu_block_rows(rows: usize, out_f: usize) -> Option<usize> {
+    const MIN_ROWS: usize = 32;
+    let blocks = 2 * rayon::current_num_threads().max(1);
+    if rows < blocks * MIN_ROWS {
+        return None;
+    }
+    let by_cache = ((64 * 1024) / out_f.max(1)).max(MIN_ROWS);
+    Some(by_cache.min(rows.div_ceil(blocks)))
+}
+
 /// `x @ wᵀ + bias` over the last dimension of `x`, then either GEGLU or `+ residual`, in the
 /// gemm output's single pass.
 pub struct LinearCpu {
@@ -342,6 +355,33 @@ impl CustomOp1 for LinearCpu {
             }
             None => None,
         };
+        // The weight `[out, in]` read as its transpose `[in, out]`.
+        let rhs = MatRef { data: &w[w_start..w_end], rows: in_f, cols: out_f, row_stride: 1, col_stride: in_f };
+        if self.geglu
+            && let Some(block) = geglu_block_rows(rows, out_f)
+        {
+            // Blocks of rows, each product on one thread with its bias and GEGLU applied while
+            // the block is still in cache: the `[rows, 2·half]` product never reaches memory.
+            let half = out_f / 2;
+            *dims.last_mut().expect("non-empty") = half;
+            let mut out = vec![0f32; rows * half];
+            out.par_chunks_mut(block * half).enumerate().for_each_init(Vec::new, |h, (bi, dst)| {
+                let n = dst.len() / half;
+                h.resize(n * out_f, 0.0);
+                let lhs = MatRef { data: &x[bi * block * in_f..][..n * in_f], rows: n, cols: in_f, row_stride: in_f, col_stride: 1 };
+                match &bias {
+                    Some(b) => {
+                        for row in h.chunks_exact_mut(out_f) {
+                            row.copy_from_slice(b);
+                        }
+                        matmul_add_into(h, out_f, lhs, rhs);
+                    }
+                    None => matmul_into(h, out_f, lhs, rhs),
+                }
+                kernels::geglu_rows(h, dst, half);
+            });
+            return Ok((CpuStorage::F32(out), Shape::from(dims)));
+        }
         // The output starts as bias + residual (or is left for gemm to overwrite), and gemm adds
         // the product in its own pass: no zeroing, no second pass.
         let per_task = rows_per_task(rows, out_f, 16 * 1024);
@@ -364,9 +404,7 @@ impl CustomOp1 for LinearCpu {
                 }
             });
         }
-        // The weight `[out, in]` read as its transpose `[in, out]`.
         let lhs = MatRef { data: x, rows, cols: in_f, row_stride: in_f, col_stride: 1 };
-        let rhs = MatRef { data: &w[w_start..w_end], rows: in_f, cols: out_f, row_stride: 1, col_stride: in_f };
         if accumulate {
             matmul_add_into_parallel(&mut y, out_f, lhs, rhs);
         } else {
@@ -631,7 +669,8 @@ mod tests {
 
     #[test]
     fn linear_forward_and_backward_match_the_composite_form() {
-        for (rows, inp, out, bias) in [(7, 5, 6, true), (300, 64, 128, true), (3, 16, 8, false)] {
+        // Few rows (one product over the threads) and many (GEGLU in blocks, the last one short).
+        for (rows, inp, out, bias) in [(7, 5, 6, true), (301, 64, 128, true), (3, 16, 8, false), (257, 32, 48, false)] {
             let w = randn(&[out, inp], 9, 0.3);
             let b = randn(&[out], 10, 1.0);
             let r = randn(&[2, rows, out], 11, 1.0);
