@@ -58,6 +58,26 @@ fn one_unet_call_matches_diffusers_with_a_timestep_per_item() {
 }
 
 #[test]
+fn a_guided_batch_equals_each_of_its_rows_alone() {
+    // Each latent twice with two contexts, as under guidance: the UNet runs its context-free
+    // first layers once for both halves. Every row must equal that row computed alone.
+    let _mode = setup();
+    let pipe = tiny();
+    let x0 = fixture("unet.sample").i(0..1).unwrap();
+    let t0 = fixture("unet.timestep").i(0..1).unwrap();
+    let ctx = fixture("unet.context");
+    let x = candle_core::Tensor::cat(&[&x0, &x0], 0).unwrap();
+    let t = candle_core::Tensor::cat(&[&t0, &t0], 0).unwrap();
+    let together = pipe.unet.forward(&x, &t, &ctx, None).unwrap();
+    for row in 0..2 {
+        let alone = pipe.unet.forward(&x0, &t0, &ctx.i(row..row + 1).unwrap(), None).unwrap();
+        let d = max_abs_diff(&together.i(row..row + 1).unwrap(), &alone);
+        assert!(d < 1e-5, "row {row}: max abs diff {d}");
+    }
+    assert!(max_abs_diff(&together.i(0..1).unwrap(), &together.i(1..2).unwrap()) > 1e-3, "the two contexts give different outputs");
+}
+
+#[test]
 fn vae_decode_and_encode_match_diffusers() {
     let _mode = setup();
     let pipe = tiny();

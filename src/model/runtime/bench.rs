@@ -70,7 +70,10 @@ pub fn unet_call_ms(pipe: &Pipeline, size: usize, batch: usize, calls: usize) ->
     let rows = 2 * batch;
     let cfg = &pipe.unet.config;
     let mut rng = crate::model::noise::Rng::new(0);
-    let x = crate::model::noise::randn(&mut rng, &[rows, cfg.in_channels, size / f, size / f], device)?.to_dtype(dtype)?;
+    // A guided step's batch: each latent twice (unconditional and conditional rows), as the
+    // pipeline passes it.
+    let latents = crate::model::noise::randn(&mut rng, &[batch, cfg.in_channels, size / f, size / f], device)?.to_dtype(dtype)?;
+    let x = Tensor::cat(&[&latents, &latents], 0)?;
     let t = Tensor::full(500f32, rows, device)?;
     let ctx = crate::model::noise::randn(&mut rng, &[rows, 77, cfg.context_dim()], device)?.to_dtype(dtype)?;
     let added = match cfg.projection_class_embeddings_input_dim.filter(|_| cfg.is_sdxl_style()) {

@@ -161,19 +161,38 @@ impl DownBlock {
 
     /// Returns the output and pushes every intermediate state onto `skips`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, skips: &mut Vec<Tensor>) -> Result<Tensor> {
-        let mut h = x.clone();
-        for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
+        Ok(self.run(x.clone(), temb, Some(ctx), skips, 0)?.0)
+    }
+
+    /// Steps of [`DownBlock::run`]: each resnet and its transformer, then the downsampler.
+    pub fn steps(&self) -> usize {
+        2 * self.resnets.len() + 1
+    }
+
+    /// Runs steps `from..` (resnet `i` is step `2i`, its transformer `2i + 1`, the downsampler the
+    /// last), pushing intermediate states onto `skips` as [`DownBlock::forward`] does. Without a
+    /// context it stops before the first transformer and returns that step, else
+    /// [`DownBlock::steps`].
+    pub fn run(&self, mut h: Tensor, temb: &Tensor, ctx: Option<&Tensor>, skips: &mut Vec<Tensor>, from: usize) -> Result<(Tensor, usize)> {
+        for step in from..self.steps() {
+            let i = step / 2;
+            if step == self.steps() - 1 {
+                if let Some(d) = &self.downsampler {
+                    h = d.forward(&h)?;
+                    skips.push(h.clone());
+                }
+            } else if step % 2 == 0 {
+                h = self.resnets[i].forward(&h, Some(temb))?;
+                if self.attentions.get(i).is_none() {
+                    skips.push(h.clone());
+                }
+            } else if let Some(attn) = self.attentions.get(i) {
+                let Some(ctx) = ctx else { return Ok((h, step)) };
                 h = attn.forward(&h, ctx)?;
+                skips.push(h.clone());
             }
-            skips.push(h.clone());
         }
-        if let Some(d) = &self.downsampler {
-            h = d.forward(&h)?;
-            skips.push(h.clone());
-        }
-        Ok(h)
+        Ok((h, self.steps()))
     }
 }
 

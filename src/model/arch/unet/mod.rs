@@ -387,6 +387,34 @@ impl UNet {
         crate::model::nn::on_worker(|| self.forward_on_worker(x, timesteps, context, added))
     }
 
+    /// `conv_in` and the down blocks' layers before the first one that reads the text context:
+    /// the hidden state, the skips so far, and where to go on (down block, step of
+    /// [`DownBlock::run`]). Classifier-free guidance passes every latent twice (its
+    /// unconditional and conditional rows), so when the batch's two halves have bitwise equal
+    /// latents and time embeddings, those layers compute the same values for both halves: they
+    /// run on the first half and their results are repeated.
+    fn context_free_prefix(&self, x: &Tensor, temb: &Tensor) -> Result<(Tensor, Vec<Tensor>, (usize, usize))> {
+        if !(halves_are_equal(x)? && halves_are_equal(temb)?) {
+            let h = self.conv_in.forward(x)?;
+            return Ok((h.clone(), vec![h], (0, 0)));
+        }
+        let half = x.dim(0)? / 2;
+        let (x, temb) = (x.narrow(0, 0, half)?, temb.narrow(0, 0, half)?);
+        let mut h = self.conv_in.forward(&x)?;
+        let mut skips = vec![h.clone()];
+        let mut resume = (self.down.len(), 0);
+        for (i, block) in self.down.iter().enumerate() {
+            let (out, step) = block.run(h, &temb, None, &mut skips, 0)?;
+            h = out;
+            if step < block.steps() {
+                resume = (i, step);
+                break;
+            }
+        }
+        let twice = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[t, t], 0)?) };
+        Ok((twice(&h)?, skips.iter().map(twice).collect::<Result<_>>()?, resume))
+    }
+
     fn forward_on_worker(
         &self,
         x: &Tensor,
@@ -423,10 +451,10 @@ impl UNet {
         }
         let temb = emb.silu()?;
 
-        let mut h = self.conv_in.forward(x)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down {
-            h = block.forward(&h, &temb, context, &mut skips)?;
+        let (mut h, mut skips, (first_block, first_step)) = self.context_free_prefix(x, &temb)?;
+        for (i, block) in self.down.iter().enumerate().skip(first_block) {
+            let from = if i == first_block { first_step } else { 0 };
+            h = block.run(h, &temb, Some(context), &mut skips, from)?.0;
         }
         h = self.mid.forward(&h, &temb, context)?;
         for block in &self.up {
@@ -434,4 +462,15 @@ impl UNet {
         }
         self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
+}
+
+/// Whether `t`'s batch has an even, nonzero size and its two halves are bitwise equal.
+fn halves_are_equal(t: &Tensor) -> Result<bool> {
+    let b = t.dim(0)?;
+    if b == 0 || b % 2 == 1 {
+        return Ok(false);
+    }
+    let (first, second) = (t.narrow(0, 0, b / 2)?, t.narrow(0, b / 2, b / 2)?);
+    // NaN never equals itself: such a batch is simply not shared.
+    Ok(first.eq(&second)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
 }
