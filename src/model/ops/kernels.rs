@@ -449,6 +449,28 @@ dispatch! {
 /// Channels per register block of the Winograd transforms (one AVX-512 vector).
 const WB: usize = 16;
 
+dispatch! {
+    /// `dst = Σᵢ coeffs[i] · srcs[i]`, element by element (every source at least as long as `dst`).
+    pub fn weighted_sum(dst: &mut [f32], srcs: &[&[f32]], coeffs: &[f32]) {
+        assert!(srcs.len() == coeffs.len() && srcs.iter().all(|s| s.len() >= dst.len()));
+        let n = dst.len();
+        let full = n / WB * WB;
+        for k0 in (0..full).step_by(WB) {
+            let mut acc = [0f32; WB];
+            for (src, &w) in srcs.iter().zip(coeffs) {
+                let s: &[f32; WB] = src[k0..k0 + WB].try_into().expect("block");
+                for l in 0..WB {
+                    acc[l] = madd::<FMA>(w, s[l], acc[l]);
+                }
+            }
+            dst[k0..k0 + WB].copy_from_slice(&acc);
+        }
+        for k in full..n {
+            dst[k] = srcs.iter().zip(coeffs).fold(0.0, |a, (src, &w)| madd::<FMA>(w, src[k], a));
+        }
+    }
+}
+
 /// `Bᵀ v` of F(4×4, 3×3) for six vectors `v` (a patch column or a row of the half-done
 /// transform), with `Bᵀ`'s shared terms computed once: 12 operations per lane instead of 22.
 #[inline(always)]

@@ -27,19 +27,18 @@ use crate::error::Result;
 use crate::model::gemm::{MatRef, matmul_add_into, matmul_add_into_parallel, matmul_into_parallel};
 use winograd::{Tiling, WinogradKernel};
 
-/// A convolution kernel that needs no gradient, with the layouts the CPU convolution computes
-/// from it, each made on first use and kept with the kernel (a model keeps one per layer, so a
-/// layout is made once per weight).
+/// A convolution kernel that needs no gradient, with the pixel-major layout the CPU convolution
+/// computes from (im2col, Winograd, the input gradient), made on first use and kept with the
+/// kernel (a model keeps one per layer, so it is made once per weight).
 #[derive(Clone, Debug)]
 pub struct FrozenKernel {
     weight: Tensor,
     pixel_major: Arc<Mutex<Option<Tensor>>>,
-    winograd: Arc<Mutex<Option<Arc<WinogradKernel>>>>,
 }
 
 impl FrozenKernel {
     pub fn new(weight: &Tensor) -> Self {
-        FrozenKernel { weight: weight.clone(), pixel_major: Default::default(), winograd: Default::default() }
+        FrozenKernel { weight: weight.clone(), pixel_major: Default::default() }
     }
 
     /// The `[O, C, k, k]` kernel itself.
@@ -57,28 +56,20 @@ impl FrozenKernel {
         *slot = Some(t.clone());
         Ok(t)
     }
-
-    /// The Winograd transform of a 3×3 kernel.
-    fn winograd(&self) -> Result<Arc<WinogradKernel>> {
-        let mut slot = self.winograd.lock().expect("conv kernel lock poisoned");
-        if let Some(k) = slot.as_ref() {
-            return Ok(k.clone());
-        }
-        let (o, c, _, _) = self.weight.dims4()?;
-        let k = Arc::new(WinogradKernel::new(&self.weight.flatten_all()?.to_vec1::<f32>()?, o, c));
-        *slot = Some(k.clone());
-        Ok(k)
-    }
 }
 
-/// Whether a convolution takes Winograd: 3×3, stride 1, and enough channels on both sides that
-/// its 36 products are real matrix products (a 4-channel latent or a 3-channel image output
-/// stays with im2col, whose single product is wider). Small images take it too: im2col at the
-/// tiny UNet's 8×8 and 4×4 levels measured 10 % slower per UNet call, despite the 36
-/// transformed kernels read per band (4× the plain kernel).
-fn takes_winograd(k: usize, stride: usize, c: usize, o: usize) -> bool {
-    k == 3 && stride == 1 && c >= 16 && o >= 16
+/// Whether a convolution takes Winograd: 3×3, stride 1, enough channels on both sides that its
+/// 36 products are real matrix products (a 4-channel latent or a 3-channel image output stays
+/// with im2col, whose single product is wider), and enough 4×4 tiles over the batch (`tiles`)
+/// to pay for remaking the transformed kernel per call (see [`WinogradKernel`]). Measured on
+/// tiny-sd's UNet: 8 tiles (its 4×4 level at batch 8) is faster with Winograd than im2col, 2 is
+/// not.
+fn takes_winograd(k: usize, stride: usize, c: usize, o: usize, tiles: usize) -> bool {
+    k == 3 && stride == 1 && c >= 16 && o >= 16 && tiles >= WINOGRAD_MIN_TILES
 }
+
+/// See [`takes_winograd`].
+const WINOGRAD_MIN_TILES: usize = 8;
 
 /// `x [B, C, H, W]` convolved with `w [O, C, k, k]`, symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -324,19 +315,18 @@ impl FrozenConv {
             }
         };
         let layout_error = |e: crate::error::Error| candle_core::Error::Msg(format!("conv2d kernel layout: {e}"));
-        if takes_winograd(g.k, g.s, g.c, self.o) {
-            let kernel = self.kernel.winograd().map_err(layout_error)?;
-            let tiling = Tiling::new(g.b, g.ho, g.wo);
-            let xp = channels_last(x_data, g, in_hw, self.tokens_in.is_some(), g.p, tiling.padded_size());
-            winograd::convolve(&kernel, &xp, &tiling, |p0, y| place(&mut out, p0, y));
-            return Ok(out);
-        }
         let w_pm = self.kernel.pixel_major().map_err(layout_error)?;
         let (w_store, w_layout) = w_pm.storage_and_layout();
         let Storage::Cpu(w_cpu) = &*w_store else { candle_core::bail!("frozen-conv2d: kernel not on the CPU") };
         let Some((w_start, w_end)) = w_layout.contiguous_offsets() else { candle_core::bail!("frozen-conv2d: non-contiguous kernel") };
         let CpuStorage::F32(w_data) = w_cpu else { candle_core::bail!("frozen-conv2d: f32 kernel expected") };
         let w_data = &w_data[w_start..w_end];
+        let tiling = Tiling::new(g.b, g.ho, g.wo);
+        if takes_winograd(g.k, g.s, g.c, self.o, tiling.tiles()) {
+            let xp = channels_last(x_data, g, in_hw, self.tokens_in.is_some(), g.p, tiling.padded_size());
+            winograd::convolve(&WinogradKernel::new(w_data, self.o, g.c), &xp, &tiling, |p0, y| place(&mut out, p0, y));
+            return Ok(out);
+        }
         if g.pointwise() && self.upsample.is_none() {
             self.pointwise_in_place(x_data, w_data, &terms, residual, g, &mut out);
             return Ok(out);
@@ -746,18 +736,21 @@ mod tests {
     fn winograd_convolutions_match_candle() {
         // 3×3 stride 1 with 16+ channels each side: Winograd. Odd and even sizes, paddings 0-2,
         // one-pixel outputs, upsampling, batches of 3, and more channels out than in.
+        // Sizes give at least WINOGRAD_MIN_TILES tiles over the batch of 3.
         for (c, o, h, w, padding, up) in [
-            (16, 16, 8, 8, 1, None),
-            (20, 33, 7, 9, 1, None),
-            (17, 16, 5, 6, 0, None),
-            (16, 18, 3, 3, 0, None),
-            (24, 16, 6, 5, 2, None),
-            (16, 40, 4, 3, 1, Some((8, 6))),
+            (16, 16, 16, 16, 1, None),
+            (20, 33, 15, 17, 1, None),
+            (17, 16, 18, 22, 0, None),
+            (16, 18, 15, 15, 0, None),
+            (24, 16, 14, 13, 2, None),
+            (16, 40, 8, 7, 1, Some((16, 14))),
             (64, 64, 17, 15, 1, None),
             // SD widths: the transforms' rounding grows with the channel count.
-            (640, 320, 6, 7, 1, None),
+            (640, 320, 13, 12, 1, None),
         ] {
-            assert!(takes_winograd(3, 1, c, o));
+            let (hu, wu) = up.unwrap_or((h, w));
+            let (ho, wo) = (hu + 2 * padding - 2, wu + 2 * padding - 2);
+            assert!(takes_winograd(3, 1, c, o, Tiling::new(3, ho, wo).tiles()), "c{c} o{o} {h}x{w}");
             let x = randn(&[3, c, h, w], 1);
             let kernel = randn(&[o, c, 3, 3], 2);
             let bias = randn(&[o], 3);
@@ -782,8 +775,8 @@ mod tests {
             let (a, b) = (g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap());
             assert!(relative_diff(a, b) < 2e-6, "input gradient {case}");
         }
-        for (k, stride, c, o) in [(3, 2, 16, 16), (1, 1, 16, 16), (3, 1, 4, 64), (3, 1, 64, 3)] {
-            assert!(!takes_winograd(k, stride, c, o), "k{k} s{stride} c{c} o{o}");
+        for (k, stride, c, o, tiles) in [(3, 2, 16, 16, 64), (1, 1, 16, 16, 64), (3, 1, 4, 64, 64), (3, 1, 64, 3, 64), (3, 1, 64, 64, WINOGRAD_MIN_TILES - 1)] {
+            assert!(!takes_winograd(k, stride, c, o, tiles), "k{k} s{stride} c{c} o{o} tiles{tiles}");
         }
     }
 

@@ -21,7 +21,7 @@
 use rayon::prelude::*;
 
 use crate::model::gemm::{MatRef, matmul_into};
-use crate::model::kernels::{winograd_input_tiles, winograd_output_tile};
+use crate::model::kernels::{weighted_sum, winograd_input_tiles, winograd_output_tile};
 
 /// Output pixels per tile side.
 const TILE: usize = 4;
@@ -40,43 +40,39 @@ const G: [[f64; 3]; PATCH] = [
     [0.0, 0.0, 1.0],
 ];
 
-/// The kernel `[O, C, 3, 3]` transformed: 36 matrices `[C, O]`, one per transform position.
-pub struct WinogradKernel {
+/// A 3×3 kernel for Winograd, borrowed in its pixel-major layout `[9·C, O]` (tap `(a, b)` is
+/// the `[C, O]` plane `3a + b`), the layout im2col keeps anyway. The 36 transformed matrices
+/// `G g Gᵀ` are made per convolution, each from at most nine planes (2.3² on average), and
+/// dropped after it: caching them took 4× the kernel's memory (55 MB for tiny-sd's UNet,
+/// gigabytes at SD 1.5's size), while remaking one costs about 5 multiply-adds per kernel value,
+/// against one per kernel value and tile for its product.
+pub struct WinogradKernel<'a> {
     c: usize,
     o: usize,
-    u: Vec<f32>,
+    planes: &'a [f32],
 }
 
-impl WinogradKernel {
-    /// From the kernel's values in `[O, C, 3, 3]` order.
-    pub fn new(w: &[f32], o: usize, c: usize) -> Self {
-        assert_eq!(w.len(), o * c * 9, "WinogradKernel: kernel of {} values for [{o}, {c}, 3, 3]", w.len());
-        let mut u = vec![0f32; POSITIONS * c * o];
-        for (oi, filter) in w.chunks_exact(c * 9).enumerate() {
-            for (ci, g) in filter.chunks_exact(9).enumerate() {
-                // G g (6 rows of 3), then (G g) Gᵀ.
-                let gg: [[f64; 3]; PATCH] = std::array::from_fn(|i| std::array::from_fn(|b| (0..3).map(|a| G[i][a] * g[3 * a + b] as f64).sum()));
-                for i in 0..PATCH {
-                    for j in 0..PATCH {
-                        let v: f64 = (0..3).map(|b| gg[i][b] * G[j][b]).sum();
-                        u[((PATCH * i + j) * c + ci) * o + oi] = v as f32;
-                    }
+impl<'a> WinogradKernel<'a> {
+    /// From the pixel-major kernel `[9·C, O]`.
+    pub fn new(planes: &'a [f32], o: usize, c: usize) -> Self {
+        assert_eq!(planes.len(), 9 * c * o, "WinogradKernel: kernel of {} values for [9·{c}, {o}]", planes.len());
+        WinogradKernel { c, o, planes }
+    }
+
+    /// The `[C, O]` matrix of transform position `xi` (`Σ G[i][a]·G[j][b]·plane(a, b)`) into `dst`.
+    fn position_into(&self, xi: usize, dst: &mut [f32]) {
+        let (i, j, n) = (xi / PATCH, xi % PATCH, self.c * self.o);
+        let mut srcs = Vec::with_capacity(9);
+        let mut coeffs = Vec::with_capacity(9);
+        for (a, &ga) in G[i].iter().enumerate() {
+            for (b, &gb) in G[j].iter().enumerate() {
+                if ga * gb != 0.0 {
+                    srcs.push(&self.planes[(3 * a + b) * n..][..n]);
+                    coeffs.push((ga * gb) as f32);
                 }
             }
         }
-        WinogradKernel { c, o, u }
-    }
-
-    /// The `[C, O]` matrix of transform position `xi`.
-    fn position(&self, xi: usize) -> MatRef<'_> {
-        let (c, o) = (self.c, self.o);
-        MatRef { data: &self.u[xi * c * o..][..c * o], rows: c, cols: o, row_stride: o, col_stride: 1 }
-    }
-}
-
-impl std::fmt::Debug for WinogradKernel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WinogradKernel[{}, {}]", self.o, self.c)
+        weighted_sum(&mut dst[..n], &srcs, &coeffs);
     }
 }
 
@@ -93,6 +89,11 @@ pub struct Tiling {
 impl Tiling {
     pub fn new(b: usize, ho: usize, wo: usize) -> Self {
         Tiling { b, ho, wo, tiles_h: ho.div_ceil(TILE), tiles_w: wo.div_ceil(TILE) }
+    }
+
+    /// Tiles over the whole batch.
+    pub fn tiles(&self) -> usize {
+        self.b * self.tiles_h * self.tiles_w
     }
 
     /// The padded input every tile reads: `(Hp, Wp)` = two more than the tiles cover, which is
@@ -134,6 +135,14 @@ fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles
     let max_tiles = band_rows * t.tiles_w;
     // Transformed patches tile-major (`[tiles, 36, C]`: each task transforms whole tiles);
     // products position-major (`[36, tiles, O]`: each task owns one position's product).
+    // With several bands, the 36 transformed kernels are made once for the call (each band
+    // multiplies by all of them) and freed after it; with one, each is made by the task that
+    // multiplies by it, into a buffer that stays in cache.
+    let shared_u = (rows_total > band_rows).then(|| {
+        let mut u = vec![0f32; POSITIONS * c * o];
+        u.par_chunks_mut(c * o).enumerate().for_each(|(xi, u)| kernel.position_into(xi, u));
+        u
+    });
     let (v_len, m_len, y_len) = (max_tiles * POSITIONS * c, POSITIONS * max_tiles * o, TILE * band_rows * t.wo * o);
     with_scratch(v_len + m_len + y_len, |scratch| {
         let (v, rest) = scratch.split_at_mut(v_len);
@@ -152,9 +161,17 @@ fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles
                 winograd_input_tiles(v, xp, bases, wp * c, c);
             });
             let v = &*v;
-            m.par_chunks_mut(max_tiles * o).enumerate().for_each(|(xi, m)| {
+            m.par_chunks_mut(max_tiles * o).enumerate().for_each_init(Vec::new, |own_u, (xi, m)| {
+                let u = match &shared_u {
+                    Some(u) => &u[xi * c * o..][..c * o],
+                    None => {
+                        own_u.resize(c * o, 0.0);
+                        kernel.position_into(xi, own_u);
+                        &own_u[..]
+                    }
+                };
                 let lhs = MatRef { data: &v[xi * c..], rows: tiles, cols: c, row_stride: POSITIONS * c, col_stride: 1 };
-                matmul_into(&mut m[..tiles * o], o, lhs, kernel.position(xi));
+                matmul_into(&mut m[..tiles * o], o, lhs, MatRef { data: u, rows: c, cols: o, row_stride: o, col_stride: 1 });
             });
             // Output transform, one task per tile row: its (up to four) rows of output pixels.
             let p0 = t.first_pixel(r0);
@@ -271,6 +288,19 @@ const BT: [[f32; PATCH]; PATCH] = [
         y
     }
 
+    /// `[O, C, 3, 3]` → `[9·C, O]`.
+    fn pixel_major(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+        let mut planes = vec![0f32; w.len()];
+        for oi in 0..o {
+            for ci in 0..c {
+                for tap in 0..9 {
+                    planes[(tap * c + ci) * o + oi] = w[(oi * c + ci) * 9 + tap];
+                }
+            }
+        }
+        planes
+    }
+
     #[test]
     fn tiles_and_bands_reproduce_the_direct_convolution() {
         let mut rng = crate::model::noise::Rng::new(5);
@@ -290,7 +320,8 @@ const BT: [[f32; PATCH]; PATCH] = [
                 }
             }
             let w: Vec<f32> = (0..o * c * 9).map(|_| rng.normal() as f32).collect();
-            let kernel = WinogradKernel::new(&w, o, c);
+            let planes = pixel_major(&w, o, c);
+            let kernel = WinogradKernel::new(&planes, o, c);
             let mut got = vec![f32::NAN; b * ho * wo * o];
             let mut bands = 0;
             convolve_in_bands(&kernel, &xp, &t, band_tiles, |p0, y| {
@@ -326,7 +357,8 @@ const BT: [[f32; PATCH]; PATCH] = [
         // One tile row per band: 3 images × 1 tile row = 3 bands, each a contiguous pixel range.
         let t = Tiling::new(3, 4, 6);
         let (hp, wp) = t.padded_size();
-        let kernel = WinogradKernel::new(&[0.5; 2 * 2 * 9], 2, 2);
+        let planes = [0.5; 2 * 2 * 9];
+        let kernel = WinogradKernel::new(&planes, 2, 2);
         let xp = vec![1f32; 3 * hp * wp * 2];
         let mut starts = Vec::new();
         convolve_in_bands(&kernel, &xp, &t, 1, |p0, y| starts.push((p0, y.len() / 2)));
