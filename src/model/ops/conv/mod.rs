@@ -61,15 +61,21 @@ impl FrozenKernel {
 /// Whether a convolution takes Winograd: 3×3, stride 1, enough channels on both sides that its
 /// 36 products are real matrix products (a 4-channel latent or a 3-channel image output stays
 /// with im2col, whose single product is wider), and enough 4×4 tiles over the batch (`tiles`)
-/// to pay for remaking the transformed kernel per call (see [`WinogradKernel`]). Measured on
-/// tiny-sd's UNet: 8 tiles (its 4×4 level at batch 8) is faster with Winograd than im2col, 2 is
-/// not.
+/// to pay for remaking the transformed kernel per call (see [`WinogradKernel`]). A transformed
+/// position that fits in cache (`C·O` ≤ 64 Ki floats) pays off from 8 tiles (measured on
+/// tiny-sd's UNet: its 4×4 level at batch 8 is faster with Winograd, at 2 tiles not); a larger
+/// one streams through memory for each of its 36 positions, so SD's 1280-channel layers at
+/// 16×16 and 8×8 latents (32 and 8 tiles) take im2col (one guided SD 1.5 step at 512²: 11.0 s
+/// with them on Winograd, PyTorch 9.7 s).
 fn takes_winograd(k: usize, stride: usize, c: usize, o: usize, tiles: usize) -> bool {
-    k == 3 && stride == 1 && c >= 16 && o >= 16 && tiles >= WINOGRAD_MIN_TILES
+    let min_tiles = if c * o <= WINOGRAD_CACHED_POSITION { WINOGRAD_MIN_TILES } else { WINOGRAD_MIN_TILES_STREAMED };
+    k == 3 && stride == 1 && c >= 16 && o >= 16 && tiles >= min_tiles
 }
 
 /// See [`takes_winograd`].
 const WINOGRAD_MIN_TILES: usize = 8;
+const WINOGRAD_MIN_TILES_STREAMED: usize = 64;
+const WINOGRAD_CACHED_POSITION: usize = 64 * 1024;
 
 /// `x [B, C, H, W]` convolved with `w [O, C, k, k]`, symmetric zero padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -736,7 +742,7 @@ mod tests {
     fn winograd_convolutions_match_candle() {
         // 3×3 stride 1 with 16+ channels each side: Winograd. Odd and even sizes, paddings 0-2,
         // one-pixel outputs, upsampling, batches of 3, and more channels out than in.
-        // Sizes give at least WINOGRAD_MIN_TILES tiles over the batch of 3.
+        // Sizes give enough tiles over the batch of 3 (see takes_winograd).
         for (c, o, h, w, padding, up) in [
             (16, 16, 16, 16, 1, None),
             (20, 33, 15, 17, 1, None),
@@ -746,7 +752,7 @@ mod tests {
             (16, 40, 8, 7, 1, Some((16, 14))),
             (64, 64, 17, 15, 1, None),
             // SD widths: the transforms' rounding grows with the channel count.
-            (640, 320, 13, 12, 1, None),
+            (640, 320, 17, 21, 1, None),
         ] {
             let (hu, wu) = up.unwrap_or((h, w));
             let (ho, wo) = (hu + 2 * padding - 2, wu + 2 * padding - 2);
@@ -775,7 +781,7 @@ mod tests {
             let (a, b) = (g1.get(xv.as_tensor()).unwrap(), g2.get(xv.as_tensor()).unwrap());
             assert!(relative_diff(a, b) < 2e-6, "input gradient {case}");
         }
-        for (k, stride, c, o, tiles) in [(3, 2, 16, 16, 64), (1, 1, 16, 16, 64), (3, 1, 4, 64, 64), (3, 1, 64, 3, 64), (3, 1, 64, 64, WINOGRAD_MIN_TILES - 1)] {
+        for (k, stride, c, o, tiles) in [(3, 2, 16, 16, 64), (1, 1, 16, 16, 64), (3, 1, 4, 64, 64), (3, 1, 64, 3, 64), (3, 1, 64, 64, WINOGRAD_MIN_TILES - 1), (3, 1, 1280, 1280, WINOGRAD_MIN_TILES_STREAMED - 1)] {
             assert!(!takes_winograd(k, stride, c, o, tiles), "k{k} s{stride} c{c} o{o} tiles{tiles}");
         }
     }
