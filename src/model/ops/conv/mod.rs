@@ -741,8 +741,8 @@ mod tests {
     #[test]
     fn winograd_convolutions_match_candle() {
         // 3×3 stride 1 with 16+ channels each side: Winograd. Odd and even sizes, paddings 0-2,
-        // one-pixel outputs, upsampling, batches of 3, and more channels out than in.
-        // Sizes give enough tiles over the batch of 3 (see takes_winograd).
+        // upsampling, batches of 3, and more channels out than in; sizes give enough tiles over
+        // the batch (see takes_winograd). One-pixel outputs: `winograd::tests`.
         for (c, o, h, w, padding, up) in [
             (16, 16, 16, 16, 1, None),
             (20, 33, 15, 17, 1, None),

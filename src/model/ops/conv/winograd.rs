@@ -3,9 +3,9 @@
 //! VAE's work.
 //!
 //! Each 4×4 block of output pixels (a *tile*) comes from the 6×6 input patch under it as
-//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. The kernel's transform `G g Gᵀ` is made once (in f64);
-//! the patch's transform `Bᵀ d B` and the output's `Aᵀ · A` are sums with small integer
-//! weights. Summed over input channels, the element-wise products become 36 matrix products
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. The kernel's transform `G g Gᵀ` is made per call (see
+//! [`WinogradKernel`]); the patch's transform `Bᵀ d B` and the output's `Aᵀ · A` are sums with
+//! small integer weights. Summed over input channels, the element-wise products become 36 matrix products
 //! `[tiles, C] × [C, O]`: 36 multiplications per 16 output pixels where im2col + gemm needs 144
 //! (4× fewer; F(2×2, 3×3), which this replaced, saves 2.25×), and the transformed patches and
 //! products per output pixel shrink by the same ratio (2.25 against 4 values per channel), which
