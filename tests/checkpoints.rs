@@ -114,6 +114,7 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 /// The families run one after another so at most one full UNet is in memory.
 #[test]
 fn full_size_families_load_and_run_with_random_weights() {
+    let two_threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     for (family, cfg, text_width, latent) in [
         ("SD 1.5", UNetConfig::sd15(), 768, 8),
         ("SD 2.x", UNetConfig::sd2(), 1024, 8),
@@ -130,6 +131,12 @@ fn full_size_families_load_and_run_with_random_weights() {
         let out = unet.forward(&x, &t, &ctx, added.as_ref()).unwrap();
         assert_eq!(out.dims(), &[2, 4, latent, latent], "{family}");
         assert!(finite(&out), "{family}: non-finite output");
+        // `predict` (inference) runs the two rows as two groups at once, each with its own rows
+        // of every input, SDXL's added conditioning included.
+        let grouped = two_threads.install(|| unet.predict(&x, &t, &ctx, added.as_ref())).unwrap();
+        let d = (&out - &grouped).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = out.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d <= 1e-5 * scale.max(1.0), "{family}: row groups differ by {d} (output up to {scale})");
         assert!(targets.len() > 100, "{family}: LoRA targets registered");
         if cfg.is_sdxl_style() {
             let err = unet.forward(&x, &t, &ctx, None).unwrap_err().to_string();

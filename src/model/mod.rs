@@ -24,7 +24,7 @@ pub mod runtime;
 
 pub use arch::{scheduler, text_encoder, unet, vae};
 pub use formats::{folder_writer, ldm, ldm_config, loading, locate, single_file, tokenizer};
-pub use ops::{adapters, conv, fused, gemm, kernels, nn, noise, params, resize};
+pub use ops::{adapters, conv, fused, gemm, kernels, nn, noise, params, resize, row_groups};
 pub use runtime::{aesthetic, bench, clip, dino, pipeline};
 
 use std::fmt;

@@ -78,6 +78,38 @@ fn a_guided_batch_equals_each_of_its_rows_alone() {
 }
 
 #[test]
+fn row_groups_give_the_whole_batch_result() {
+    // On a multi-threaded CPU, `predict` and the VAE's decode run a batch as two row groups at
+    // once (guidance's pairs kept together): every row must equal the one-call batch's, up to
+    // float rounding (products of other sizes may sum in another order, as in the test above).
+    let _mode = setup();
+    let pipe = tiny();
+    let two_threads = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let sample = fixture("unet.sample");
+    let context = fixture("unet.context");
+    for latents in 1..=3usize {
+        // Distinct latents, each twice (unconditional rows, then conditional), as the pipeline passes them.
+        let x: Vec<_> = (0..latents).map(|i| (sample.i(i % 2..i % 2 + 1).unwrap() * (1.0 + 0.25 * i as f64)).unwrap()).collect();
+        let x = candle_core::Tensor::cat(&[x.clone(), x].concat(), 0).unwrap();
+        let rows = 2 * latents;
+        let t = candle_core::Tensor::full(501f32, rows, &candle_core::Device::Cpu).unwrap();
+        let ctx: Vec<_> = (0..rows).map(|r| context.i(r * 2 / rows..r * 2 / rows + 1).unwrap()).collect();
+        let ctx = candle_core::Tensor::cat(&ctx, 0).unwrap();
+        let whole = two_threads.install(|| pipe.unet.forward(&x, &t, &ctx, None)).unwrap();
+        let grouped = two_threads.install(|| pipe.unet.predict(&x, &t, &ctx, None)).unwrap();
+        let d = max_abs_diff(&whole, &grouped);
+        assert!(d < 1e-5, "{latents} latents: UNet in row groups differs by {d}");
+    }
+    let z = fixture("vae.latents");
+    let z = candle_core::Tensor::cat(&[&z, &(&z * 0.5).unwrap(), &(&z * -1.0).unwrap()], 0).unwrap();
+    let grouped = two_threads.install(|| pipe.vae.decode(&z)).unwrap();
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let batched = one_thread.install(|| pipe.vae.decode(&z)).unwrap();
+    let d = max_abs_diff(&batched, &grouped);
+    assert!(d < 1e-5, "VAE decode in row groups differs by {d}");
+}
+
+#[test]
 fn vae_decode_and_encode_match_diffusers() {
     let _mode = setup();
     let pipe = tiny();
@@ -97,7 +129,9 @@ fn vae_batched_decode_equals_one_at_a_time() {
     // candle #3744: a transposed left operand breaks batched matmuls after the first item.
     let pipe = tiny();
     let z = fixture("vae.latents");
-    let both = pipe.vae.decode(&z).unwrap();
+    // On one thread: with two, the decode would run its rows as two groups of one.
+    let one_thread = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let both = one_thread.install(|| pipe.vae.decode(&z)).unwrap();
     for i in 0..2 {
         let one = pipe.vae.decode(&z.narrow(0, i, 1).unwrap()).unwrap();
         let d = max_abs_diff(&both.i(i).unwrap(), &one.i(0).unwrap());

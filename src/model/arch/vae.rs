@@ -326,7 +326,10 @@ impl Vae {
     /// [`Vae::decode`] before the clamp to `[0, 1]`, which would hide an overflow: an infinite
     /// value clamps to 1, and a NaN through min/max to a plausible number.
     pub fn decode_unclamped(&self, latents: &Tensor) -> Result<Tensor> {
-        crate::model::nn::on_worker(|| self.decode_on_worker(latents))
+        crate::model::nn::on_worker(|| {
+            let on_cpu = latents.device().is_cpu() && !crate::model::ops::generic_ops();
+            crate::model::row_groups::in_row_groups(latents.dim(0)?, false, on_cpu, |group| self.decode_on_worker(&group.select(latents)?))
+        })
     }
 
     fn decode_on_worker(&self, latents: &Tensor) -> Result<Tensor> {

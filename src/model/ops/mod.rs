@@ -1,7 +1,8 @@
 //! Tensor operations and what layers are made of: differentiable layers ([`nn`]), convolution
 //! ([`conv`]), the fused f32 CPU kernels inference and training take ([`fused`], [`kernels`]), antialiased
 //! [`resize`], weight access by key ([`params`], as candle's `VarBuilder`), the registry of layers
-//! that LoRAs patch ([`adapters`]) and the seeded random numbers ([`noise`]). Nothing here knows
+//! that LoRAs patch ([`adapters`]), the seeded random numbers ([`noise`]) and a batch run as two
+//! row groups at once ([`row_groups`]). Nothing here knows
 //! a model.
 
 pub mod adapters;
@@ -13,6 +14,7 @@ pub mod nn;
 pub mod noise;
 pub mod params;
 pub mod resize;
+pub mod row_groups;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 

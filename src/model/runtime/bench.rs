@@ -89,7 +89,7 @@ pub fn unet_call_ms(pipe: &Pipeline, size: usize, batch: usize, calls: usize) ->
     };
     let call = || -> Result<f64> {
         let s = Instant::now();
-        pipe.unet.forward(&x, &t, &ctx, added.as_ref())?;
+        pipe.unet.predict(&x, &t, &ctx, added.as_ref())?;
         device.synchronize()?;
         Ok(s.elapsed().as_secs_f64() * 1000.0)
     };

@@ -558,7 +558,7 @@ impl Pipeline {
             let xin = sampler.scale_input(&x, i)?;
             let xin = if guided { Tensor::cat(&[&xin, &xin], 0)? } else { xin };
             let ts = Tensor::full(t as f32, rows, &self.device)?;
-            let out = self.unet.forward(&xin, &ts, &context, added.as_ref())?;
+            let out = self.unet.predict(&xin, &ts, &context, added.as_ref())?;
             let eps = if guided {
                 let uncond = out.narrow(0, 0, b)?;
                 let condp = out.narrow(0, b, b)?;

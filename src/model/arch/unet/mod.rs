@@ -7,12 +7,15 @@
 pub mod blocks;
 pub mod transformer;
 
-use candle_core::{DType, Tensor};
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor, TensorId};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::model::nn::{Conv2d, GroupNorm, Linear};
 use crate::model::params::Params;
+use crate::model::row_groups::Group;
 use blocks::{AttentionLayout, BlockLayout, Common, DownBlock, MidBlock, UpBlock};
 
 /// A config value that diffusers allows either once for all blocks or once per block.
@@ -300,6 +303,8 @@ pub struct UNet {
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// [`UNet::predict`]'s row groups' slices of the last context (see [`UNet::group_context`]).
+    group_contexts: Mutex<Vec<((TensorId, usize), Tensor)>>,
 }
 
 impl UNet {
@@ -373,6 +378,7 @@ impl UNet {
             up,
             norm_out: GroupNorm::load(&p.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps)?,
             conv_out: Conv2d::load(&p.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1, true)?,
+            group_contexts: Mutex::new(Vec::new()),
         })
     }
 
@@ -385,6 +391,37 @@ impl UNet {
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor> {
         crate::model::nn::on_worker(|| self.forward_on_worker(x, timesteps, context, added))
+    }
+
+    /// [`UNet::forward`] for inference, where nothing needs a gradient: on a CPU with several
+    /// threads the batch runs as two row groups at once ([`crate::model::row_groups`]), keeping
+    /// guidance's pairs together. The same result as [`UNet::forward`] up to float rounding.
+    pub fn predict(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, added: Option<&AddedConditioning>) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| {
+            let on_cpu = x.device().is_cpu() && !crate::model::ops::generic_ops();
+            crate::model::row_groups::in_row_groups(x.dim(0)?, true, on_cpu, |group| {
+                let added = match added {
+                    Some(a) => Some(AddedConditioning { text_embeds: group.select(&a.text_embeds)?, time_ids: group.select(&a.time_ids)? }),
+                    None => None,
+                };
+                let context = self.group_context(context, group)?;
+                self.forward_on_worker(&group.select(x)?, &group.select(timesteps)?, &context, added.as_ref())
+            })
+        })
+    }
+
+    /// `group`'s rows of `context`, the same tensor at every step that passes this context: the
+    /// cross-attention layers keep their context's keys and values by tensor id.
+    fn group_context(&self, context: &Tensor, group: Group<'_>) -> Result<Tensor> {
+        let mut kept = self.group_contexts.lock().expect("group context lock poisoned");
+        let key = (context.id(), group.index());
+        if let Some((_, t)) = kept.iter().find(|(k, _)| *k == key) {
+            return Ok(t.clone());
+        }
+        let t = group.select(context)?;
+        kept.retain(|((id, _), _)| *id == context.id());
+        kept.push((key, t.clone()));
+        Ok(t)
     }
 
     /// `conv_in` and the down blocks' layers before the first one that reads the text context:
@@ -473,4 +510,40 @@ fn halves_are_equal(t: &Tensor) -> Result<bool> {
     let (first, second) = (t.narrow(0, 0, b / 2)?, t.narrow(0, b / 2, b / 2)?);
     // NaN never equals itself: such a batch is simply not shared.
     Ok(first.eq(&second)?.flatten_all()?.min(0)?.to_scalar::<u8>()? == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::noise::seeded_randn as randn;
+    use crate::model::params::WeightStore;
+    use candle_core::Device;
+
+    #[test]
+    fn predict_gives_each_row_group_the_same_context_slice_every_step() {
+        let config: UNetConfig = serde_json::from_str(include_str!("../../../../assets/tinyworld/tiny-sd/unet/config.json")).unwrap();
+        let store = WeightStore::random(1, DType::F32, &Device::Cpu);
+        let targets = Default::default();
+        let unet = UNet::load(&Params::root(&store, &targets), &config).unwrap();
+        let x = randn(&[2, 4, 8, 8], 2);
+        let x = Tensor::cat(&[&x, &x], 0).unwrap();
+        let t = Tensor::full(500f32, 4, &Device::Cpu).unwrap();
+        let ctx = randn(&[4, 77, config.context_dim()], 3);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let kept = || unet.group_contexts.lock().unwrap().iter().map(|(key, t)| (*key, t.id())).collect::<Vec<_>>();
+        let first = pool.install(|| unet.predict(&x, &t, &ctx, None)).unwrap();
+        let slices = kept();
+        assert_eq!(slices.len(), 2, "one slice per row group");
+        // A second step with the same context reuses the very same slices (so the attention
+        // layers' kept keys and values, found by tensor id, are reused too)...
+        let second = pool.install(|| unet.predict(&x, &t, &ctx, None)).unwrap();
+        assert_eq!(kept(), slices);
+        assert_eq!(first.flatten_all().unwrap().to_vec1::<f32>().unwrap(), second.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        // ...and a new context replaces them.
+        let other = randn(&[4, 77, config.context_dim()], 4);
+        pool.install(|| unet.predict(&x, &t, &other, None)).unwrap();
+        let now = kept();
+        assert_eq!(now.len(), 2);
+        assert!(now.iter().all(|((id, _), _)| *id == other.id()));
+    }
 }

@@ -17,8 +17,12 @@ pub struct Attention {
     heads: usize,
     /// The keys and values of the last cross-attention context: a generation passes the same
     /// text context at every step, so its projections are made once per generation.
-    context_kv: Mutex<Option<ContextKv>>,
+    context_kv: Mutex<Vec<ContextKv>>,
 }
+
+/// Contexts whose keys and values each attention layer keeps: one per row group of
+/// [`super::UNet::predict`], which run at once with their own slices of the context.
+const CONTEXTS_KEPT: usize = 2;
 
 /// Keys and values of one context, with the ids of the context and the weights they came from
 /// (candle never reuses a tensor id, and a LoRA merge makes a new weight tensor).
@@ -37,7 +41,7 @@ impl Attention {
             to_v: Linear::load(&p.pp("to_v"), context_dim, inner, false)?,
             to_out: Linear::load(&p.pp("to_out").pp(0), inner, query_dim, true)?,
             heads,
-            context_kv: Mutex::new(None),
+            context_kv: Mutex::new(Vec::new()),
         })
     }
 
@@ -73,14 +77,20 @@ impl Attention {
             (Some(k), Some(v)) if !ctx.track_op() => Some((ctx.id(), k, v)),
             _ => None,
         };
-        let mut cache = self.context_kv.lock().expect("attention cache lock poisoned");
-        if let (Some(ids), Some(c)) = (ids, cache.as_ref())
-            && c.ids == ids
-        {
+        let Some(ids) = ids else {
+            self.context_kv.lock().expect("attention cache lock poisoned").clear();
+            return Ok((self.to_k.forward(ctx)?, self.to_v.forward(ctx)?));
+        };
+        if let Some(c) = self.context_kv.lock().expect("attention cache lock poisoned").iter().find(|c| c.ids == ids) {
             return Ok((c.k.clone(), c.v.clone()));
         }
+        // Computed without the lock held: the other row group's layer may be here too.
         let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
-        *cache = ids.map(|ids| ContextKv { ids, k: k.clone(), v: v.clone() });
+        let mut cache = self.context_kv.lock().expect("attention cache lock poisoned");
+        if cache.len() == CONTEXTS_KEPT {
+            cache.remove(0);
+        }
+        cache.push(ContextKv { ids, k: k.clone(), v: v.clone() });
         Ok((k, v))
     }
 }
@@ -228,12 +238,18 @@ mod tests {
         let attn = Attention::load(&Params::root(&store, &targets).pp("attn"), 8, 6, 2, 4).unwrap();
         let (x, ctx) = (randn(&[2, 5, 8], 1), randn(&[2, 7, 6], 2));
         let first = attn.forward(&x, Some(&ctx)).unwrap();
-        assert!(attn.context_kv.lock().unwrap().is_some(), "an untracked context is kept");
+        assert_eq!(attn.context_kv.lock().unwrap().len(), 1, "an untracked context is kept");
         assert!(same(&first, &attn.forward(&x, Some(&ctx)).unwrap()));
         // A new context tensor (even with equal values) is a new computation.
         let other = randn(&[2, 7, 6], 4);
         let with_other = attn.forward(&x, Some(&other)).unwrap();
         assert!(!same(&first, &with_other));
+        // Two contexts are kept (one per row group), the oldest goes when a third comes.
+        let kept = |attn: &Attention| attn.context_kv.lock().unwrap().iter().map(|c| c.ids.0).collect::<Vec<_>>();
+        assert_eq!(kept(&attn), [ctx.id(), other.id()]);
+        let third = randn(&[2, 7, 6], 7);
+        attn.forward(&x, Some(&third)).unwrap();
+        assert_eq!(kept(&attn), [other.id(), third.id()]);
         // A LoRA merged into to_k makes a new weight: the cached keys are not used.
         attn.forward(&x, Some(&ctx)).unwrap();
         let delta = MergedDelta { down: randn(&[2, 6], 5), up: randn(&[8, 2], 6), scale: 1.0 };
@@ -244,6 +260,6 @@ mod tests {
         // A context that needs a gradient is never kept.
         let tracked = Var::from_tensor(&ctx).unwrap();
         attn.forward(&x, Some(tracked.as_tensor())).unwrap();
-        assert!(attn.context_kv.lock().unwrap().is_none());
+        assert!(attn.context_kv.lock().unwrap().is_empty());
     }
 }
