@@ -533,6 +533,67 @@ dispatch! {
     }
 }
 
+/// `G v` of F(4×4, 3×3) for three vectors `v` (a kernel column, or a row of the half-done
+/// transform), with `G`'s shared terms computed once.
+#[inline(always)]
+fn kernel_transform_3<const FMA: bool, const W: usize>(v: [[f32; W]; 3]) -> [[f32; W]; 6] {
+    let mut t = [[0f32; W]; 6];
+    for l in 0..W {
+        let [g0, g1, g2] = [v[0][l], v[1][l], v[2][l]];
+        let ends = g0 + g2;
+        let outer = madd::<FMA>(g0, 1.0 / 24.0, g2 * (1.0 / 6.0));
+        let middle = g1 * (1.0 / 12.0);
+        t[0][l] = g0 * 0.25;
+        t[1][l] = (ends + g1) * (-1.0 / 6.0);
+        t[2][l] = (ends - g1) * (-1.0 / 6.0);
+        t[3][l] = outer + middle;
+        t[4][l] = outer - middle;
+        t[5][l] = g2;
+    }
+    t
+}
+
+/// `G g Gᵀ` for `W` output channels at `k0` of input channel `ci` (see
+/// [`winograd_kernel_rows`]): the nine taps in, the 36 positions out.
+#[inline(always)]
+fn kernel_block<const FMA: bool, const W: usize>(planes: &[f32], c: usize, o: usize, ci: usize, k0: usize, dst: &mut [f32]) {
+    let tap = |t: usize| -> [f32; W] { planes[(t * c + ci) * o + k0..][..W].try_into().expect("block") };
+    // Down each kernel column b: t[i][b] = Σₐ G[i][a] · g[a][b].
+    let mut t = [[[0f32; W]; 3]; 6];
+    for b in 0..3 {
+        let column = kernel_transform_3::<FMA, W>([tap(b), tap(3 + b), tap(6 + b)]);
+        for (row, v) in t.iter_mut().zip(column) {
+            row[b] = v;
+        }
+    }
+    // Then along each row of t.
+    for i in 0..6 {
+        let row = kernel_transform_3::<FMA, W>(t[i]);
+        for (j, v) in row.iter().enumerate() {
+            dst[(6 * i + j) * o + k0..][..W].copy_from_slice(v);
+        }
+    }
+}
+
+dispatch! {
+    /// The Winograd F(4×4, 3×3) kernel transform `G g Gᵀ` for input channels `c0..` of a 3×3
+    /// kernel held pixel-major (`planes [9·C, O]`: tap `3a + b` is the `[C, O]` plane `3a + b`),
+    /// into `dst [rows, 36, O]` (input channel `c0 + r`, position, output channel): each
+    /// kernel value is read once for all 36 positions.
+    pub fn winograd_kernel_rows(dst: &mut [f32], planes: &[f32], c: usize, o: usize, c0: usize) {
+        assert!(planes.len() >= 9 * c * o && dst.len().is_multiple_of(36 * o.max(1)) && c0 + dst.len() / (36 * o.max(1)) <= c);
+        let full = o / WB * WB;
+        for (r, d) in dst.chunks_exact_mut(36 * o.max(1)).enumerate() {
+            for k0 in (0..full).step_by(WB) {
+                kernel_block::<FMA, WB>(planes, c, o, c0 + r, k0, d);
+            }
+            for k0 in full..o {
+                kernel_block::<FMA, 1>(planes, c, o, c0 + r, k0, d);
+            }
+        }
+    }
+}
+
 /// Rows of the F(4×4, 3×3) output transform `Aᵀ` (4 × 6).
 pub const WINOGRAD_AT: [[f32; 6]; 4] = [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, 2.0, -2.0, 0.0], [0.0, 1.0, 1.0, 4.0, 4.0, 0.0], [0.0, 1.0, -1.0, 8.0, -8.0, 1.0]];
 

@@ -21,7 +21,7 @@
 use rayon::prelude::*;
 
 use crate::model::gemm::{MatRef, matmul_into};
-use crate::model::kernels::{weighted_sum, winograd_input_tiles, winograd_output_tile};
+use crate::model::kernels::{weighted_sum, winograd_input_tiles, winograd_kernel_rows, winograd_output_tile};
 
 /// Output pixels per tile side.
 const TILE: usize = 4;
@@ -42,10 +42,11 @@ const G: [[f64; 3]; PATCH] = [
 
 /// A 3×3 kernel for Winograd, borrowed in its pixel-major layout `[9·C, O]` (tap `(a, b)` is
 /// the `[C, O]` plane `3a + b`), the layout im2col keeps anyway. The 36 transformed matrices
-/// `G g Gᵀ` are made per convolution, each from at most nine planes (2.3² on average), and
-/// dropped after it: caching them took 4× the kernel's memory (55 MB for tiny-sd's UNet,
-/// gigabytes at SD 1.5's size), while remaking one costs about 5 multiply-adds per kernel value,
-/// against one per kernel value and tile for its product.
+/// `G g Gᵀ` are made per convolution and dropped after it: caching them took 4× the kernel's
+/// memory (55 MB for tiny-sd's UNet, gigabytes at SD 1.5's size). Made all at once
+/// ([`winograd_kernel_rows`]) each kernel value is read once and costs about 3 operations per
+/// position; one position at a time (when all 36 would not fit the scratch) each is a weighted
+/// sum of up to nine planes.
 pub struct WinogradKernel<'a> {
     c: usize,
     o: usize,
@@ -114,16 +115,22 @@ impl Tiling {
 /// cache while the band's products run.
 const BAND_FLOATS: usize = 1 << 21;
 
+/// Floats of a whole kernel transform (all 36 positions) kept in the per-thread scratch (8 MiB:
+/// up to 58 Ki kernel values, every layer of tiny-sd; SD 1.5's 320-channel layers and up make
+/// each position on its own, or allocate the whole transform when several bands share it).
+const WHOLE_KERNEL_FLOATS: usize = 1 << 21;
+
 /// Convolves the padded channels-last input `xp [B, Hp, Wp, C]` with `kernel`, band by band.
 /// For each band `emit(p0, y)` receives its output pixel-major: `y [n, O]` for the output
 /// pixels `p0..p0+n` of the whole batch (in `[B, Ho, Wo]` order).
 pub fn convolve(kernel: &WinogradKernel, xp: &[f32], tiling: &Tiling, emit: impl FnMut(usize, &mut [f32])) {
     let band_tiles = (BAND_FLOATS / (POSITIONS * (kernel.c + kernel.o))).max(1);
-    convolve_in_bands(kernel, xp, tiling, band_tiles, emit)
+    convolve_in_bands(kernel, xp, tiling, band_tiles, WHOLE_KERNEL_FLOATS, emit)
 }
 
-/// [`convolve`] with at most `band_tiles` tiles per band (at least one tile row).
-fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles: usize, mut emit: impl FnMut(usize, &mut [f32])) {
+/// [`convolve`] with at most `band_tiles` tiles per band (at least one tile row), and a whole
+/// kernel transform in the scratch up to `kernel_in_scratch` floats.
+fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles: usize, kernel_in_scratch: usize, mut emit: impl FnMut(usize, &mut [f32])) {
     let (c, o) = (kernel.c, kernel.o);
     let (hp, wp) = t.padded_size();
     assert_eq!(xp.len(), t.b * hp * wp * c, "winograd: padded input of {} values for {t:?}", xp.len());
@@ -135,17 +142,33 @@ fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles
     let max_tiles = band_rows * t.tiles_w;
     // Transformed patches tile-major (`[tiles, 36, C]`: each task transforms whole tiles);
     // products position-major (`[36, tiles, O]`: each task owns one position's product).
-    // With several bands, the 36 transformed kernels are made once for the call (each band
-    // multiplies by all of them) and freed after it; with one, each is made by the task that
-    // multiplies by it, into a buffer that stays in cache.
-    let shared_u = (rows_total > band_rows).then(|| {
-        let mut u = vec![0f32; POSITIONS * c * o];
-        u.par_chunks_mut(c * o).enumerate().for_each(|(xi, u)| kernel.position_into(xi, u));
-        u
-    });
+    // The transformed kernel is made whole (`[C, 36, O]`: each task makes whole input channels)
+    // when it fits the scratch, or when several bands multiply by it (then allocated for the
+    // call); otherwise each position is made by the task that multiplies by it, into a buffer
+    // that stays in cache.
+    let whole_len = POSITIONS * c * o;
+    let in_scratch = whole_len <= kernel_in_scratch;
+    let whole = in_scratch || rows_total > band_rows;
+    let mut allocated = Vec::new();
     let (v_len, m_len, y_len) = (max_tiles * POSITIONS * c, POSITIONS * max_tiles * o, TILE * band_rows * t.wo * o);
-    with_scratch(v_len + m_len + y_len, |scratch| {
-        let (v, rest) = scratch.split_at_mut(v_len);
+    with_scratch(if in_scratch { whole_len } else { 0 } + v_len + m_len + y_len, |scratch| {
+        let (u, rest) = scratch.split_at_mut(if in_scratch { whole_len } else { 0 });
+        let u: &mut [f32] = match (in_scratch, whole) {
+            (true, _) => u,
+            (false, true) => {
+                allocated = vec![0f32; whole_len];
+                &mut allocated
+            }
+            (false, false) => &mut [],
+        };
+        if whole {
+            let channels_per_task = c.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
+            u.par_chunks_mut(channels_per_task * POSITIONS * o).enumerate().for_each(|(i, u)| {
+                winograd_kernel_rows(u, kernel.planes, c, o, i * channels_per_task);
+            });
+        }
+        let u = &*u;
+        let (v, rest) = rest.split_at_mut(v_len);
         let (m, y) = rest.split_at_mut(m_len);
         let mut bases = Vec::with_capacity(max_tiles);
         let tiles_per_task = (max_tiles / (4 * rayon::current_num_threads().max(1))).max(1);
@@ -162,16 +185,15 @@ fn convolve_in_bands(kernel: &WinogradKernel, xp: &[f32], t: &Tiling, band_tiles
             });
             let v = &*v;
             m.par_chunks_mut(max_tiles * o).enumerate().for_each_init(Vec::new, |own_u, (xi, m)| {
-                let u = match &shared_u {
-                    Some(u) => &u[xi * c * o..][..c * o],
-                    None => {
-                        own_u.resize(c * o, 0.0);
-                        kernel.position_into(xi, own_u);
-                        &own_u[..]
-                    }
+                let rhs = if whole {
+                    MatRef { data: &u[xi * o..], rows: c, cols: o, row_stride: POSITIONS * o, col_stride: 1 }
+                } else {
+                    own_u.resize(c * o, 0.0);
+                    kernel.position_into(xi, own_u);
+                    MatRef { data: &own_u[..], rows: c, cols: o, row_stride: o, col_stride: 1 }
                 };
                 let lhs = MatRef { data: &v[xi * c..], rows: tiles, cols: c, row_stride: POSITIONS * c, col_stride: 1 };
-                matmul_into(&mut m[..tiles * o], o, lhs, MatRef { data: u, rows: c, cols: o, row_stride: o, col_stride: 1 });
+                matmul_into(&mut m[..tiles * o], o, lhs, rhs);
             });
             // Output transform, one task per tile row: its (up to four) rows of output pixels.
             let p0 = t.first_pixel(r0);
@@ -262,6 +284,44 @@ const BT: [[f32; PATCH]; PATCH] = [
         }
     }
 
+    #[test]
+    fn the_kernel_transform_is_g_g_gt_both_ways() {
+        // 5 input and 19 output channels (a full 16-lane block and a tail).
+        let mut rng = crate::model::noise::Rng::new(4);
+        let (c, o) = (5, 19);
+        let planes: Vec<f32> = (0..9 * c * o).map(|_| rng.normal() as f32).collect();
+        let kernel = WinogradKernel::new(&planes, o, c);
+        let want = |ci: usize, xi: usize, oi: usize| -> f64 {
+            let (i, j) = (xi / PATCH, xi % PATCH);
+            let mut s = 0f64;
+            for a in 0..3 {
+                for b in 0..3 {
+                    s += G[i][a] * G[j][b] * planes[((3 * a + b) * c + ci) * o + oi] as f64;
+                }
+            }
+            s
+        };
+        // Whole, from input channel 2 on.
+        let mut whole = vec![f32::NAN; 3 * POSITIONS * o];
+        winograd_kernel_rows(&mut whole, &planes, c, o, 2);
+        // One position at a time.
+        let mut one = vec![f32::NAN; c * o];
+        for xi in 0..POSITIONS {
+            kernel.position_into(xi, &mut one);
+            for ci in 0..c {
+                for oi in 0..o {
+                    let w = want(ci, xi, oi);
+                    let g = one[ci * o + oi] as f64;
+                    assert!((g - w).abs() < 1e-6 * (1.0 + w.abs()), "position {xi} ({ci}, {oi}) alone: {g} vs {w}");
+                    if ci >= 2 {
+                        let g = whole[((ci - 2) * POSITIONS + xi) * o + oi] as f64;
+                        assert!((g - w).abs() < 1e-6 * (1.0 + w.abs()), "position {xi} ({ci}, {oi}) whole: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
     /// The direct definition in f64: `y[b, oy, ox, o] = Σ x[b, oy + ky, ox + kx, c] · w[o, c, ky, kx]`
     /// over the padded input.
     fn direct(xp: &[f32], w: &[f32], t: &Tiling, c: usize, o: usize) -> Vec<f64> {
@@ -322,16 +382,19 @@ const BT: [[f32; PATCH]; PATCH] = [
             let w: Vec<f32> = (0..o * c * 9).map(|_| rng.normal() as f32).collect();
             let planes = pixel_major(&w, o, c);
             let kernel = WinogradKernel::new(&planes, o, c);
-            let mut got = vec![f32::NAN; b * ho * wo * o];
-            let mut bands = 0;
-            convolve_in_bands(&kernel, &xp, &t, band_tiles, |p0, y| {
-                got[p0 * o..p0 * o + y.len()].copy_from_slice(y);
-                bands += 1;
-            });
-            assert!(bands >= 1);
             let want = direct(&xp, &w, &t, c, o);
-            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-                assert!((g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{b}x{ho}x{wo} c{c} o{o} bands of {band_tiles}: element {i}: {g} vs {w}");
+            // The kernel transform made whole in the scratch, or one position per task.
+            for kernel_in_scratch in [usize::MAX, 0] {
+                let mut got = vec![f32::NAN; b * ho * wo * o];
+                let mut bands = 0;
+                convolve_in_bands(&kernel, &xp, &t, band_tiles, kernel_in_scratch, |p0, y| {
+                    got[p0 * o..p0 * o + y.len()].copy_from_slice(y);
+                    bands += 1;
+                });
+                assert!(bands >= 1);
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!((g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{b}x{ho}x{wo} c{c} o{o} bands of {band_tiles}, kernel in scratch up to {kernel_in_scratch}: element {i}: {g} vs {w}");
+                }
             }
         }
     }
@@ -361,7 +424,7 @@ const BT: [[f32; PATCH]; PATCH] = [
         let kernel = WinogradKernel::new(&planes, 2, 2);
         let xp = vec![1f32; 3 * hp * wp * 2];
         let mut starts = Vec::new();
-        convolve_in_bands(&kernel, &xp, &t, 1, |p0, y| starts.push((p0, y.len() / 2)));
+        convolve_in_bands(&kernel, &xp, &t, 1, WHOLE_KERNEL_FLOATS, |p0, y| starts.push((p0, y.len() / 2)));
         assert_eq!(starts, vec![(0, 24), (24, 24), (48, 24)]);
     }
 }
