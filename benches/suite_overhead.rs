@@ -12,7 +12,7 @@ use loragate::report::write_all;
 use loragate::suite::load_suite;
 
 fn main() {
-    loragate::device::prepare_process();
+    loragate::device::prepare_process(loragate::device::Workload::Inference);
     let dir = std::env::temp_dir().join(format!("loragate-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -43,7 +43,7 @@ fn bench(name: &str, reps: usize, inner: u32, warm: bool, mut f: impl FnMut()) {
 }
 
 fn main() {
-    loragate::device::prepare_process();
+    loragate::device::prepare_process(loragate::device::Workload::Inference);
     let reps: usize = std::env::var("REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let t = Instant::now();
     let pipe = Pipeline::load(&resolve_model("tiny").unwrap(), DType::F32, &Device::Cpu).unwrap();

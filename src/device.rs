@@ -5,10 +5,19 @@ pub use candle_core::{DType, Device};
 
 use crate::error::{Error, Result};
 
+/// What a process mostly does, which decides how its allocator is tuned ([`tune_allocator`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Generation, suites, benchmarks of inference: batches run as two row groups at once.
+    Inference,
+    /// LoRA training: autograd allocates and frees across threads.
+    Training,
+}
+
 /// What every entry point (the CLI, benchmarks, examples) calls first, before any thread
 /// starts: [`tune_allocator`], then [`pin_thread_counts`].
-pub fn prepare_process() {
-    tune_allocator();
+pub fn prepare_process(workload: Workload) {
+    tune_allocator(workload);
     pin_thread_counts();
 }
 
@@ -19,10 +28,16 @@ pub const HEAP_KEEP_FREE: usize = 32 << 20;
 
 /// Tunes glibc's malloc for tensor work; a no-op on other C libraries.
 ///
-/// - One arena for every thread. By default each thread that allocates gets its own, and freed
-///   tensor-sized blocks stay mapped in whichever arena held them: the portrait suite's peak
-///   resident memory measured 293 MB that way and 249-257 MB with one arena (medians,
-///   `scripts/peak-memory.sh`).
+/// - Arenas ([`arenas_for`]): one for training, two for inference. By default each thread
+///   that allocates gets its own, and freed tensor-sized blocks stay mapped in whichever arena
+///   held them: the portrait suite's peak resident memory measured 293 MB that way and 249-257
+///   MB with one arena, a training run 509 MB with two arenas against 349 MB with one. But
+///   inference runs its two row groups ([`crate::model::row_groups`]) on two threads at once,
+///   and with one arena each thread's new tensors were the blocks the other thread had just
+///   freed, their cache lines still in the other core: zeroing them took 14 % of a UNet call
+///   (4 % with two arenas), and a tiny-sd UNet call at 8 rows took 44-46 ms against 36-38 ms
+///   whenever the two vCPUs sat far apart (about 2 % apart otherwise; alternating runs). The
+///   portrait suite's peak: 289 MB with two arenas, 271-273 MB with one.
 /// - Tensor-sized blocks are reused from the heap instead of mapped and unmapped per
 ///   allocation ([`HEAP_BLOCK_LIMIT`], [`HEAP_KEEP_FREE`]). glibc maps every block over its
 ///   threshold afresh and gives the heap's free top back past a second threshold, so each
@@ -30,13 +45,21 @@ pub const HEAP_KEEP_FREE: usize = 32 << 20;
 ///   call at batch 8 (≈ 700 with these limits), 52.8 → 48.2 ms per call (medians of 7
 ///   alternating runs). Both limits at 32 MB keep the portrait suite's peak where it was
 ///   (258 MB against 257 MB); a 512 MB free top grew it to 285 MB, 64 MB blocks to 274 MB.
-pub fn tune_allocator() {
+pub fn tune_allocator(workload: Workload) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets tuning parameters; called before other threads allocate.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_ARENA_MAX, arenas_for(workload) as libc::c_int);
         libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT as libc::c_int);
         libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_KEEP_FREE as libc::c_int);
+    }
+}
+
+/// glibc malloc arenas for `workload`: one per row group for inference, one for training.
+pub fn arenas_for(workload: Workload) -> usize {
+    match workload {
+        Workload::Inference => 2,
+        Workload::Training => 1,
     }
 }
 

@@ -17,13 +17,10 @@ fn arena_count() -> usize {
     report.matches("<heap nr=").count()
 }
 
+/// Four threads that allocate at the same time, then free; by default each would get an arena
+/// of its own.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[test]
-fn threads_that_allocate_at_once_share_one_arena() {
-    loragate::device::tune_allocator();
-    // The test harness's threads allocated before the call; no arena may be added after it.
-    let arenas = arena_count();
-    // Four threads allocating at the same time: by default each would get an arena of its own.
+fn four_threads_allocate_at_once() {
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -39,7 +36,24 @@ fn threads_that_allocate_at_once_share_one_arena() {
     for t in threads {
         assert_eq!(t.join().unwrap(), 64);
     }
-    assert_eq!(arena_count(), arenas, "new threads got arenas of their own");
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn arenas_are_capped_per_workload() {
+    use loragate::device::{Workload, arenas_for, tune_allocator};
+    // Training first (one arena: the test harness's threads may have made more before the
+    // call, but no thread may add one after it), then inference (two).
+    tune_allocator(Workload::Training);
+    let before = arena_count();
+    four_threads_allocate_at_once();
+    assert_eq!(arena_count(), before, "training: new threads got arenas of their own");
+    assert_eq!(arenas_for(Workload::Training), 1);
+    tune_allocator(Workload::Inference);
+    four_threads_allocate_at_once();
+    let after = arena_count();
+    assert!(after <= before.max(arenas_for(Workload::Inference)), "inference: {after} arenas (cap {})", arenas_for(Workload::Inference));
+    assert_eq!(arenas_for(Workload::Inference), 2);
 }
 
 /// Minor page faults of the calling thread so far.
@@ -56,8 +70,10 @@ fn thread_page_faults() -> i64 {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 fn freed_tensor_sized_blocks_are_reused_without_faulting_their_pages_in_again() {
-    use loragate::device::{HEAP_BLOCK_LIMIT, HEAP_KEEP_FREE};
-    loragate::device::tune_allocator();
+    use loragate::device::{HEAP_BLOCK_LIMIT, HEAP_KEEP_FREE, Workload};
+    // The block thresholds are the same for both workloads; training's one arena keeps the
+    // other test's training phase valid while the two run at once.
+    loragate::device::tune_allocator(Workload::Training);
     // A layer's worth of activation buffers, all live at once, then all freed, over and over.
     // Untuned, glibc maps blocks this size afresh or gives the freed heap top back (its
     // thresholds follow the largest block freed so far: 4 MB blocks, 8 MB of free top), so

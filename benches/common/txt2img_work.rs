@@ -22,7 +22,7 @@ impl Txt2ImgWork {
     /// Loads the model (outside any timed loop, as in the peer measurement).
     pub fn load() -> Self {
         // As the `loragate` binary does first thing.
-        loragate::device::prepare_process();
+        loragate::device::prepare_process(loragate::device::Workload::Inference);
         let pipe = Pipeline::load(&resolve_model("tiny").unwrap(), DType::F32, &Device::Cpu).unwrap();
         let params = GenerationParams { steps: 20, guidance: 5.0, width: 128, height: 128, ..Default::default() };
         Txt2ImgWork { pipe, params }

@@ -13,6 +13,7 @@ mod world;
 
 use clap::{Parser, Subcommand};
 
+use crate::device::Workload;
 use crate::error::{ExitCode, Result};
 
 #[derive(Debug, Parser)]
@@ -52,7 +53,7 @@ enum Command {
 
 /// Parses the command line and runs the subcommand.
 pub fn run() -> Result<ExitCode> {
-    crate::device::prepare_process();
+    // Parsing starts no thread, so the process is still prepared before any does.
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -61,6 +62,8 @@ pub fn run() -> Result<ExitCode> {
             return Ok(code);
         }
     };
+    let workload = if matches!(cli.command, Command::Train(_)) { Workload::Training } else { Workload::Inference };
+    crate::device::prepare_process(workload);
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Inspect(a) => inspect::run(a),
