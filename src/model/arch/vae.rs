@@ -325,11 +325,29 @@ impl Vae {
 
     /// [`Vae::decode`] before the clamp to `[0, 1]`, which would hide an overflow: an infinite
     /// value clamps to 1, and a NaN through min/max to a plausible number.
+    ///
+    /// On the CPU the batch runs as two row groups at once ([`crate::model::row_groups`]), each
+    /// decoding its images one at a time: a decode's activations are the largest tensors of a
+    /// generation (the portrait suite's peak memory fell from 290 to 218 MB), and one image's
+    /// stay in cache better (a batch of four: 101 against 106 ms). Other devices decode the
+    /// batch in one pass.
     pub fn decode_unclamped(&self, latents: &Tensor) -> Result<Tensor> {
         crate::model::nn::on_worker(|| {
-            let on_cpu = latents.device().is_cpu() && !crate::model::ops::generic_ops();
-            crate::model::row_groups::in_row_groups(latents.dim(0)?, false, on_cpu, |group| self.decode_on_worker(&group.select(latents)?))
+            if !latents.device().is_cpu() || crate::model::ops::generic_ops() {
+                return self.decode_on_worker(latents);
+            }
+            crate::model::row_groups::in_row_groups(latents.dim(0)?, false, true, |group| {
+                let z = group.select(latents)?;
+                let images = (0..z.dim(0)?).map(|i| self.decode_on_worker(&z.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&images, 0)?)
+            })
         })
+    }
+
+    /// [`Vae::decode_unclamped`] in one pass over the whole batch on every device: the batched
+    /// kernels the GPU path takes, for tests that compare them with image-by-image decodes.
+    pub fn decode_unclamped_in_one_pass(&self, latents: &Tensor) -> Result<Tensor> {
+        crate::model::nn::on_worker(|| self.decode_on_worker(latents))
     }
 
     fn decode_on_worker(&self, latents: &Tensor) -> Result<Tensor> {
