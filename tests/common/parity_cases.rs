@@ -108,6 +108,12 @@ fn row_groups_give_the_whole_batch_result() {
     let one_pass = two_threads.install(|| pipe.vae.decode_unclamped_in_one_pass(&z)).unwrap();
     let d = max_abs_diff(&one_pass, &grouped);
     assert!(d < 1e-5, "VAE decode in row groups differs by {d}");
+    // The same for the encoder (a training run's latent cache).
+    let grouped = two_threads.install(|| pipe.vae.encode(&one_pass.clamp(0f32, 1f32).unwrap())).unwrap();
+    let encoded_once = two_threads.install(|| pipe.vae.encode_in_one_pass(&one_pass.clamp(0f32, 1f32).unwrap())).unwrap();
+    assert_eq!(grouped.dims(), &[6, 4, 16, 16]);
+    let d = max_abs_diff(&encoded_once, &grouped);
+    assert!(d < 1e-5, "VAE encode in row groups differs by {d}");
 }
 
 #[test]
