@@ -326,7 +326,6 @@ impl Vae {
     /// [`Vae::decode`] before the clamp to `[0, 1]`, which would hide an overflow: an infinite
     /// value clamps to 1, and a NaN through min/max to a plausible number.
     ///
-    ///
     /// On the CPU the images go one at a time, two at once ([`Vae::image_by_image`]).
     pub fn decode_unclamped(&self, latents: &Tensor) -> Result<Tensor> {
         crate::model::nn::on_worker(|| self.image_by_image(latents, |z| self.decode_on_worker(z)))
@@ -369,10 +368,10 @@ impl Vae {
     /// 357 to 338 MB), and one image's stay in cache better (decoding four: 101 against 106 ms).
     /// Other devices take the batch in one pass.
     fn image_by_image(&self, batch: &Tensor, pass: impl Fn(&Tensor) -> Result<Tensor> + Sync) -> Result<Tensor> {
-        if !batch.device().is_cpu() || crate::model::ops::generic_ops() {
+        if !crate::model::row_groups::on_fused_cpu(batch.device()) {
             return pass(batch);
         }
-        crate::model::row_groups::in_row_groups(batch.dim(0)?, false, true, |group| {
+        crate::model::row_groups::in_row_groups(batch.dim(0)?, false, batch.device(), |group| {
             let mine = group.select(batch)?;
             let each = (0..mine.dim(0)?).map(|i| pass(&mine.narrow(0, i, 1)?)).collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&each, 0)?)

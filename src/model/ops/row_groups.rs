@@ -8,7 +8,7 @@
 //! so the result is that of one call on the whole batch, up to float rounding (a product
 //! of another size may sum in another order).
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 
@@ -86,10 +86,17 @@ impl Group<'_> {
     }
 }
 
-/// Runs `f` on `rows` rows as two groups at once when that pays (on the CPU, with at least two
-/// threads and two rows) and merges the results; otherwise `f` runs once on the whole batch.
-pub fn in_row_groups(rows: usize, paired: bool, on_cpu: bool, f: impl Fn(Group<'_>) -> Result<Tensor> + Sync) -> Result<Tensor> {
-    let groups = RowGroups::split(rows, paired).filter(|_| on_cpu && rayon::current_num_threads() >= 2);
+/// Whether work on `device` takes the fused CPU kernels, whose per-operation splits row groups
+/// avoid (other devices, and the generic path that proves CUDA's on the CPU, run batches whole).
+pub fn on_fused_cpu(device: &Device) -> bool {
+    device.is_cpu() && !crate::model::ops::generic_ops()
+}
+
+/// Runs `f` on `rows` rows as two groups at once when that pays (on the fused CPU path, with at
+/// least two threads and two rows) and merges the results; otherwise `f` runs once on the whole
+/// batch.
+pub fn in_row_groups(rows: usize, paired: bool, device: &Device, f: impl Fn(Group<'_>) -> Result<Tensor> + Sync) -> Result<Tensor> {
+    let groups = RowGroups::split(rows, paired).filter(|_| on_fused_cpu(device) && rayon::current_num_threads() >= 2);
     let Some(groups) = groups else {
         return f(Group { groups: None, index: 0 });
     };
@@ -101,7 +108,6 @@ pub fn in_row_groups(rows: usize, paired: bool, on_cpu: bool, f: impl Fn(Group<'
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn rows_of(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1().unwrap()
@@ -142,7 +148,7 @@ mod tests {
         // only its rows, and knew which group they were.
         let out = pool
             .install(|| {
-                in_row_groups(8, true, true, |group| {
+                in_row_groups(8, true, &Device::Cpu, |group| {
                     calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let mine = group.select(&t)?;
                     let tag = (mine.dim(0)? + 100 * group.index()) as f32;
@@ -154,10 +160,10 @@ mod tests {
         let second = [2, 3, 6, 7];
         let want: Vec<f32> = (0..8).map(|i| i as f32 * 10.0 + if second.contains(&i) { 104.0 } else { 4.0 }).collect();
         assert_eq!(rows_of(&out), want);
-        // One thread, or not on the CPU: one call on the whole batch.
+        // One thread: one call on the whole batch. (The generic path's switch is process-wide;
+        // the parity tests run the grouped calls on both paths under their lock.)
         let whole_batch = |g: Group<'_>| -> Result<Tensor> { Ok(Tensor::new(&[g.select(&t)?.dim(0)? as f32, g.index() as f32], &Device::Cpu)?) };
         let single = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        assert_eq!(rows_of(&single.install(|| in_row_groups(8, true, true, whole_batch)).unwrap()), vec![8.0, 0.0]);
-        assert_eq!(rows_of(&pool.install(|| in_row_groups(8, true, false, whole_batch)).unwrap()), vec![8.0, 0.0]);
+        assert_eq!(rows_of(&single.install(|| in_row_groups(8, true, &Device::Cpu, whole_batch)).unwrap()), vec![8.0, 0.0]);
     }
 }

@@ -398,8 +398,7 @@ impl UNet {
     /// guidance's pairs together. The same result as [`UNet::forward`] up to float rounding.
     pub fn predict(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, added: Option<&AddedConditioning>) -> Result<Tensor> {
         crate::model::nn::on_worker(|| {
-            let on_cpu = x.device().is_cpu() && !crate::model::ops::generic_ops();
-            crate::model::row_groups::in_row_groups(x.dim(0)?, true, on_cpu, |group| {
+            crate::model::row_groups::in_row_groups(x.dim(0)?, true, x.device(), |group| {
                 let added = match added {
                     Some(a) => Some(AddedConditioning { text_embeds: group.select(&a.text_embeds)?, time_ids: group.select(&a.time_ids)? }),
                     None => None,
