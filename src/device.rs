@@ -37,7 +37,8 @@ pub const HEAP_KEEP_FREE: usize = 32 << 20;
 ///   freed, their cache lines still in the other core: zeroing them took 14 % of a UNet call
 ///   (4 % with two arenas), and a tiny-sd UNet call at 8 rows took 44-46 ms against 36-38 ms
 ///   whenever the two vCPUs sat far apart (about 2 % apart otherwise; alternating runs). The
-///   portrait suite's peak: 289 MB with two arenas, 271-273 MB with one.
+///   portrait suite's peak: 289 MB with two arenas, 271-273 MB with one (before the VAE went
+///   image by image, which brought it to 218 MB).
 /// - Tensor-sized blocks are reused from the heap instead of mapped and unmapped per
 ///   allocation ([`HEAP_BLOCK_LIMIT`], [`HEAP_KEEP_FREE`]). glibc maps every block over its
 ///   threshold afresh and gives the heap's free top back past a second threshold, so each
