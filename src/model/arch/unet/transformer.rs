@@ -15,8 +15,9 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    /// The keys and values of the last cross-attention context: a generation passes the same
-    /// text context at every step, so its projections are made once per generation.
+    /// The keys and values of the last [`CONTEXTS_KEPT`] cross-attention contexts: a generation
+    /// passes the same text context at every step, so its projections are made once per
+    /// generation (per row group).
     context_kv: Mutex<Vec<ContextKv>>,
 }
 
