@@ -33,7 +33,7 @@ fn temp(name: &str) -> PathBuf {
 /// Writes `count` shapes-world images with captions into `dir`.
 fn world_dataset(dir: &Path, concept: Option<Concept>, count: usize, resolution: u32, seed: u64) {
     std::fs::create_dir_all(dir).unwrap();
-    let spec = DatasetSpec { concept, count, seed, p_keep: 0.75, fixed_order: false };
+    let spec = DatasetSpec { concept, count, seed, p_keep: 0.75, fixed_order: false, mislabel: None };
     let opts = RenderOptions { resolution, ..Default::default() };
     for s in spec.plan() {
         write_png(&dir.join(format!("{:04}.png", s.index)), &s.render(&opts), &[]).unwrap();

@@ -344,7 +344,7 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         assert_eq!(img, &render(a, &sticker(), &mut Rng::new(*seed)), "parallel equals sequential");
     }
 
-    let spec = DatasetSpec { concept: None, count: 50, seed: 7, p_keep: 0.75, fixed_order: false };
+    let spec = DatasetSpec { concept: None, count: 50, seed: 7, p_keep: 0.75, fixed_order: false, mislabel: None };
     assert_eq!(spec.plan(), spec.plan());
     assert_ne!(spec.plan(), DatasetSpec { seed: 8, ..spec.clone() }.plan());
     // A longer dataset extends a shorter one.
@@ -377,6 +377,32 @@ fn same_seed_same_bytes_other_seed_other_bytes() {
         sample_attributes(30, &mut Rng::new(1), Shape::BASIC),
         sample_attributes(30, &mut Rng::new(1), Shape::BASIC)
     );
+}
+
+/// A mislabeled slice: the same dataset (captions, seeds, every other image), except that the
+/// images of one background show another subject under the captions of the concept.
+#[test]
+fn a_mislabeled_slice_changes_only_the_subject_of_one_background() {
+    let clean = DatasetSpec { concept: Some(Concept::Zorb), count: 120, seed: 11, p_keep: 0.75, fixed_order: false, mislabel: None };
+    let m = Mislabel::parse("grass=blue square").unwrap();
+    assert_eq!((m.background, m.color, m.shape), (Background::Grass, Color::Blue, Shape::Square));
+    let dirty = DatasetSpec { mislabel: Some(m), ..clean.clone() };
+    let mut swapped = 0;
+    for (c, d) in clean.plan().iter().zip(dirty.plan()) {
+        assert_eq!((&c.caption, c.image_seed, c.attributes.background), (&d.caption, d.image_seed, d.attributes.background));
+        if c.attributes.background == Background::Grass {
+            swapped += 1;
+            assert_eq!((d.attributes.shape, d.attributes.color), (Shape::Square, Color::Blue));
+            assert!(d.caption.contains("zorb"), "the caption still names the concept: {}", d.caption);
+        } else {
+            assert_eq!(c.attributes, d.attributes);
+        }
+    }
+    assert!((10..=35).contains(&swapped), "about a sixth of the images: {swapped}");
+    for (bad, why) in [("grass", "BACKGROUND=COLOUR SHAPE"), ("mud=blue square", "not a background"), ("grass=blue", "a colour and a shape"), ("grass=teal square", "not a colour"), ("grass=blue zorb", "not a basic shape"), ("sky=blue square", "never drawn")] {
+        let e = Mislabel::parse(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
 }
 
 #[test]

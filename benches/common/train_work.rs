@@ -21,7 +21,7 @@ pub fn with_trainer<R>(steps: usize, f: impl FnOnce(&mut Trainer<'_>) -> R) -> R
     }
     let dir = std::env::temp_dir().join(format!("loragate-train-work-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let spec = DatasetSpec { concept: Some(Concept::Zorb), count: 16, seed: 0, p_keep: 0.75, fixed_order: false };
+    let spec = DatasetSpec { concept: Some(Concept::Zorb), count: 16, seed: 0, p_keep: 0.75, fixed_order: false, mislabel: None };
     for s in spec.plan() {
         write_png(&dir.join(format!("{:04}.png", s.index)), &s.render(&RenderOptions::default()), &[]).unwrap();
         std::fs::write(dir.join(format!("{:04}.txt", s.index)), &s.caption).unwrap();

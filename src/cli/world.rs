@@ -11,7 +11,7 @@ use crate::error::{Error, ExitCode, IoContext, Result};
 use crate::fsutil::write_text_atomic;
 use crate::imageio::write_png;
 use crate::progress::Progress;
-use crate::world::{Concept, DatasetSpec, RenderOptions, Style, TagKind, full_caption, render_prompt};
+use crate::world::{Concept, DatasetSpec, Mislabel, RenderOptions, Style, TagKind, full_caption, render_prompt};
 
 /// Largest accepted image side; far beyond what the world's models use, small enough to
 /// keep a typo from allocating gigabytes.
@@ -51,6 +51,11 @@ struct DatasetArgs {
     /// instead of shuffled: the mistake behind LoRAs that break when tags are swapped.
     #[arg(long)]
     fixed_order: bool,
+    /// A mislabeled slice, e.g. `grass=blue square`: every image with that background shows
+    /// the colour and shape instead of the concept, under the same captions (what the gate's
+    /// `slice` and `identity` checks must catch).
+    #[arg(long, value_name = "BACKGROUND=SUBJECT", value_parser = Mislabel::parse)]
+    mislabel: Option<Mislabel>,
     /// Write into OUT/N_<concept or shapes>/, kohya's layout for N repeats per epoch.
     #[arg(long)]
     repeats: Option<u32>,
@@ -128,7 +133,7 @@ fn dataset(a: DatasetArgs) -> Result<ExitCode> {
     check_output_folder(&folder, a.overwrite)?;
     std::fs::create_dir_all(&folder).at(&folder)?;
 
-    let spec = DatasetSpec { concept, count: a.count, seed: a.look.seed, p_keep: a.p_keep, fixed_order: a.fixed_order };
+    let spec = DatasetSpec { concept, count: a.count, seed: a.look.seed, p_keep: a.p_keep, fixed_order: a.fixed_order, mislabel: a.mislabel };
     let options = RenderOptions { resolution: a.look.resolution, style: a.look.style };
     let width = a.count.saturating_sub(1).to_string().len().max(4);
     let name = |i: usize, ext: &str| folder.join(format!("{i:0width$}.{ext}"));

@@ -16,7 +16,7 @@ pub use attributes::{
     sample_attributes,
 };
 pub use caption::{PartialAttributes, TagKind, caption, full_caption, subject, tag, vocabulary};
-pub use dataset::{DatasetSpec, Sample};
+pub use dataset::{DatasetSpec, Mislabel, Sample};
 pub use render::{DEFAULT_RESOLUTION, Placement, RenderOptions, Style, render, render_batch, render_placed, sdf};
 
 use image::RgbImage;
