@@ -29,10 +29,14 @@ pub enum Metric {
     Diversity,
     /// The aesthetic predictor's score (its own scale).
     Aesthetic,
+    /// Image–image cosine (identity scorer) to the accepted images of the same variant: the
+    /// reference-free identity signal. Measured against the accepted images on every run, so
+    /// never stored.
+    Likeness,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [Metric::Clip, Metric::Identity, Metric::WordOrder, Metric::Effect, Metric::Leak, Metric::Diversity, Metric::Aesthetic];
+    pub const ALL: [Metric; 8] = [Metric::Clip, Metric::Identity, Metric::WordOrder, Metric::Effect, Metric::Leak, Metric::Diversity, Metric::Aesthetic, Metric::Likeness];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -43,6 +47,7 @@ impl Metric {
             Metric::Leak => "leak",
             Metric::Diversity => "diversity",
             Metric::Aesthetic => "aesthetic",
+            Metric::Likeness => "likeness",
         }
     }
 

@@ -18,6 +18,9 @@ use crate::suite::{Case, IdentityGroup, ModelRef, Suite, Variant};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SeedNumbers {
     pub seed: u64,
+    /// The generation's content key: identical images in other cases or variants share it, so
+    /// the statistics never count one generation twice.
+    pub image: String,
     /// CLIP text–image cosine of the image, and of its no-LoRA control.
     pub clip: f64,
     pub clip_control: Option<f64>,
@@ -34,6 +37,14 @@ pub struct SeedNumbers {
     /// the controls.
     pub order_similarity: Option<f64>,
     pub order_similarity_control: Option<f64>,
+    /// Likeness to the accepted images of the same variant (identity scorer, mean cosine to the
+    /// accepted images of the other seeds), where the variant's inputs are unchanged apart from
+    /// the LoRA files: the reference-free identity signal. `likeness_accepted` is the same for
+    /// the accepted image of this seed (how alike the accepted images are among themselves),
+    /// `likeness_control` for the no-LoRA control (how alike a picture without the character is).
+    pub likeness: Option<f64>,
+    pub likeness_accepted: Option<f64>,
+    pub likeness_control: Option<f64>,
 }
 
 /// The numbers of one variant.
@@ -53,6 +64,11 @@ pub struct VariantNumbers {
     /// the controls: how alike the LoRA's pictures are, against the base model's.
     pub seed_similarity: Option<f64>,
     pub seed_similarity_control: Option<f64>,
+    /// The slices the variant belongs to (`bg=grass`, `tag=large`, ...).
+    pub slices: Vec<String>,
+    /// Every LoRA weight is zero (a sweep's weight 0): its LoRA measurements equal the
+    /// control's by construction and are left out of the statistics.
+    pub structural: bool,
 }
 
 /// Whether a LoRA stack applied to a model.
@@ -114,6 +130,9 @@ pub struct Sources<'a> {
     pub generation: &'a Generation,
     pub emb: &'a Embeddings,
     pub model_fingerprints: &'a HashMap<ModelRef, String>,
+    /// Identity embeddings of the accepted images, by (case, image id), for the variants whose
+    /// inputs are unchanged apart from the LoRA files.
+    pub accepted: &'a HashMap<(String, String), Vec<f32>>,
 }
 
 impl Sources<'_> {
@@ -150,11 +169,12 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
         .map(|a| a.model.clone())
         .collect();
     let usable: Vec<&VariantPlan> = cp.variants.iter().filter(|v| src.usable(v)).collect();
-    let refs: Vec<(&std::path::PathBuf, &Vec<f32>)> = case.references.iter().filter_map(|p| Some((p, src.emb.references.get(p)?))).collect();
-    let identity_of = |job: usize| -> Option<f64> {
+    let embedded = |paths: &[std::path::PathBuf]| -> Vec<(std::path::PathBuf, Vec<f32>)> { paths.iter().filter_map(|p| Some((p.clone(), src.emb.references.get(p)?.clone()))).collect() };
+    let identity_of = |refs: &[(std::path::PathBuf, Vec<f32>)], job: usize| -> Option<f64> {
         let e = src.emb.identity(job)?;
         mean(&refs.iter().map(|(_, r)| dot(e, r)).collect::<Vec<_>>())
     };
+    let mut all_refs: Vec<std::path::PathBuf> = Vec::new();
 
     let mut broken = Vec::new();
     let mut images = 0;
@@ -167,19 +187,39 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
                 broken.push(format!("{} seed {seed}: {why}", v.label));
             }
         }
+        let refs = embedded(&references_of(src.suite, case, v));
+        for (p, _) in &refs {
+            if !all_refs.contains(p) {
+                all_refs.push(p.clone());
+            }
+        }
+        let accepted: Vec<Option<&Vec<f32>>> = v.seeds.iter().map(|&s| src.accepted.get(&(case.name.to_string(), v.image_id(s).to_string()))).collect();
+        let character = v.stack.iter().any(|a| a.weight != 0.0 && src.suite.loras[a.lora].triggered_by(&v.prompt));
         let mut seeds = Vec::with_capacity(v.seeds.len());
         for (k, (&j, &seed)) in v.images.iter().zip(&v.seeds).enumerate() {
             let control = v.controls.get(k).copied();
             let mut n = SeedNumbers {
                 seed,
+                image: src.generation.outcomes[j].key.clone(),
                 clip: src.emb.text_score(j, &v.score_text).unwrap_or(f64::NAN),
                 clip_control: control.and_then(|c| src.emb.text_score(c, &v.score_text)),
                 effect: control.map(|c| mean_abs_diff(src.image(j), src.image(c))).transpose()?,
                 ..Default::default()
             };
             if !refs.is_empty() {
-                n.identity = identity_of(j);
-                n.identity_control = control.and_then(identity_of);
+                n.identity = identity_of(&refs, j);
+                n.identity_control = control.and_then(|c| identity_of(&refs, c));
+            }
+            if character {
+                // Against the accepted images of the other seeds: the same seed shares its noise
+                // with this image, which would make any version look alike.
+                let others: Vec<&Vec<f32>> = accepted.iter().enumerate().filter(|(i, _)| *i != k).filter_map(|(_, a)| *a).collect();
+                let like = |e: Option<&Vec<f32>>| e.and_then(|e| mean(&others.iter().map(|a| dot(e, a)).collect::<Vec<_>>()));
+                if let Some(own) = accepted[k].filter(|_| !others.is_empty()) {
+                    n.likeness = like(src.emb.identity(j));
+                    n.likeness_accepted = like(Some(own));
+                    n.likeness_control = like(control.and_then(|c| src.emb.identity(c)));
+                }
             }
             n.aesthetic = src.emb.aesthetic[j];
             n.aesthetic_control = control.and_then(|c| src.emb.aesthetic[c]);
@@ -205,6 +245,8 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
             seeds,
             seed_similarity: pairwise_similarity(src, &v.images)?,
             seed_similarity_control: if v.controls.is_empty() { None } else { pairwise_similarity(src, &v.controls)? },
+            slices: v.slices.clone(),
+            structural: v.stack.is_empty() || v.stack.iter().all(|a| a.weight == 0.0),
         });
     }
     let stack = match &case.variant {
@@ -212,6 +254,7 @@ pub fn measure_case(src: &Sources, case: &Case, cp: &CasePlan) -> Result<CaseNum
         _ => None,
     };
     let lora_images: Vec<&Vec<f32>> = usable.iter().flat_map(|v| v.images.iter().filter_map(|&j| src.emb.identity(j))).collect();
+    let refs = embedded(&all_refs);
     let reference_means = refs
         .iter()
         .filter_map(|(p, r)| {
@@ -324,6 +367,22 @@ fn stack_numbers(src: &Sources, loras: Vec<usize>, usable: &[&VariantPlan]) -> R
     Ok(StackNumbers { names, effect_kept, identity_kept })
 }
 
+/// The reference images a variant's identity is scored against: the case's own, else the
+/// character sheets of the LoRAs it uses with their triggers.
+pub fn references_of(suite: &Suite, case: &Case, v: &VariantPlan) -> Vec<std::path::PathBuf> {
+    if !case.references.is_empty() {
+        return case.references.clone();
+    }
+    let mut out: Vec<std::path::PathBuf> = Vec::new();
+    for a in v.stack.iter().filter(|a| a.weight != 0.0) {
+        let l = &suite.loras[a.lora];
+        if l.triggered_by(&v.prompt) {
+            out.extend(l.references.iter().filter(|r| !out.contains(r)).cloned().collect::<Vec<_>>());
+        }
+    }
+    out
+}
+
 /// Measures an identity group across its cases.
 pub fn measure_group(src: &Sources, g: &IdentityGroup) -> GroupNumbers {
     let members: Vec<(&Case, Vec<usize>, Vec<usize>)> = g
@@ -385,28 +444,35 @@ impl CaseNumbers {
 
     /// This run's measurements as a score baseline.
     pub fn score_baseline(&self, suite: &Suite, case: &Case, cp: &CasePlan, src: &Sources, scorers: &super::scoring::ScorerNames) -> ScoreBaseline {
-        let mut variants = std::collections::BTreeMap::new();
-        for v in &cp.variants {
-            let Some(&j) = v.images.first() else { continue };
-            let job = &src.plan.jobs[j];
-            let settings = serde_json::json!({
-                "prompt": v.prompt,
-                "score_text": v.score_text,
-                "model": src.model_fingerprints[&v.model],
-                "params": format!("{:?}", v.params),
-                "weights": job.stack.iter().map(|a| a.weight).collect::<Vec<_>>(),
-                "references": case.references.iter().map(|r| r.display().to_string()).collect::<Vec<_>>(),
-            });
-            let loras = job.stack.iter().map(|a| (suite.loras[a.lora].file.name(), suite.loras[a.lora].file.hash.clone())).collect();
-            variants.insert(v.label.to_string(), VariantInputs { settings: crate::fsutil::content_hash(settings.to_string().as_bytes()), loras });
-        }
         ScoreBaseline {
             suite: suite.name.to_string(),
             case: case.name.to_string(),
             scorer: scorers.combined.clone(),
             scorers: scorers.ids.clone(),
-            variants,
+            variants: variant_inputs(suite, case, cp, src.plan, src.model_fingerprints),
             measurements: self.measurements(case.thresholds.leak.is_some()),
         }
     }
+}
+
+/// What produced each variant's images apart from the LoRA files: measurements (and accepted
+/// images) pair only where this is unchanged.
+pub fn variant_inputs(suite: &Suite, case: &Case, cp: &CasePlan, plan: &Plan, model_fingerprints: &HashMap<ModelRef, String>) -> std::collections::BTreeMap<String, VariantInputs> {
+    let mut variants = std::collections::BTreeMap::new();
+    for v in &cp.variants {
+        let Some(&j) = v.images.first() else { continue };
+        let job = &plan.jobs[j];
+        let settings = serde_json::json!({
+            "prompt": v.prompt,
+            "score_text": v.score_text,
+            "model": model_fingerprints[&v.model],
+            "params": format!("{:?}", v.params),
+            "weights": job.stack.iter().map(|a| a.weight).collect::<Vec<_>>(),
+            // By content: the same character sheet pairs wherever the checkout lives.
+            "references": references_of(suite, case, v).iter().map(|r| crate::fsutil::file_hash(r).unwrap_or_else(|_| r.display().to_string())).collect::<Vec<_>>(),
+        });
+        let loras = job.stack.iter().map(|a| (suite.loras[a.lora].file.name(), suite.loras[a.lora].file.hash.clone())).collect();
+        variants.insert(v.label.to_string(), VariantInputs { settings: crate::fsutil::content_hash(settings.to_string().as_bytes()), loras });
+    }
+    variants
 }

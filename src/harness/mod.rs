@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod generate;
 pub mod measure;
+pub mod run_verdicts;
 pub mod scoring;
 pub mod select;
 pub mod stats;
@@ -100,6 +101,11 @@ impl CheckResult {
 pub struct Evidence {
     pub case: String,
     pub id: String,
+    /// The variant (prompt) and seed the image belongs to.
+    #[serde(default)]
+    pub variant: String,
+    #[serde(default)]
+    pub seed: u64,
     pub caption: String,
     #[serde(skip)]
     pub current: RgbImage,
@@ -157,6 +163,12 @@ pub struct SuiteOutcome {
     /// `prompts.csv`.
     #[serde(default)]
     pub prompt_scores: Vec<PromptScore>,
+    /// Every slice the run compared with the rest, worst first, for the worst-slices table.
+    #[serde(default)]
+    pub slices: Vec<run_verdicts::SliceRow>,
+    /// How many statistical tests shared the run's false-alarm budget.
+    #[serde(default)]
+    pub statistical_tests: usize,
     pub baseline_dir: PathBuf,
     pub update: UpdateMode,
     pub device: String,
@@ -211,6 +223,9 @@ pub struct PromptScore {
     pub seeds: usize,
     /// The evidence image of its first seed (`<variant>-s<seed>`), for thumbnails.
     pub image: String,
+    /// The slices it belongs to (`bg=grass`, `tag=large`), for the contact sheets.
+    #[serde(default)]
+    pub slices: Vec<String>,
 }
 
 impl SuiteOutcome {
@@ -313,20 +328,49 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
     let scorers = scoring::Scorers { text: &scorer, identity: identity.as_ref(), aesthetic: aesthetic.as_ref().map(|(p, c)| (p, c.as_ref())) };
     let names = ScorerNames::of(&suite, &scorers)?;
     let texts: Vec<String> = plan.cases.iter().flat_map(|c| c.variants.iter().map(|v| v.score_text.clone())).collect();
-    let refs: Vec<PathBuf> = suite.cases.iter().flat_map(|c| c.references.clone()).collect();
+    let mut refs: Vec<PathBuf> = suite.cases.iter().flat_map(|c| c.references.clone()).collect();
+    refs.extend(suite.loras.iter().flat_map(|l| l.references.clone()));
     let progress = if opts.progress { Progress::steps("scoring", plan.jobs.len() as u64 * scoring::passes(&scorers)) } else { Progress::hidden() };
     let emb = scoring::embed_all(&scorers, &cache, &generation.outcomes, &texts, &refs, &progress)?;
     progress.finish();
-    timings.score = t.elapsed().as_secs_f64();
 
-    let t = Instant::now();
     let mut fingerprints = HashMap::new();
     for j in &plan.jobs {
         if !fingerprints.contains_key(&j.model) {
             fingerprints.insert(j.model.clone(), crate::model::pipeline::model_fingerprint(&j.model.location)?);
         }
     }
-    let src = measure::Sources { suite: &suite, plan: &plan, generation: &generation, emb: &emb, model_fingerprints: &fingerprints };
+    // The accepted version: its measurements, and its images where a variant's inputs are
+    // unchanged apart from the LoRA files (what the reference-free identity check compares with).
+    let class = baseline_class(&opts.device, opts.dtype);
+    let (store, recovered) = BaselineStore::open(&opts.baselines_dir, &suite.name, &class, opts.update)?;
+    notes.extend(recovered);
+    let accepted_scores: Vec<std::result::Result<Option<crate::baseline::scores::ScoreBaseline>, String>> =
+        plan.cases.iter().map(|cp| store.scores(suite.cases[cp.case].name.as_str())).collect();
+    let mut accepted_files: Vec<((String, String), PathBuf)> = Vec::new();
+    for (cp, accepted) in plan.cases.iter().zip(&accepted_scores) {
+        let Ok(Some(accepted)) = accepted else { continue };
+        let case = &suite.cases[cp.case];
+        let inputs = measure::variant_inputs(&suite, case, cp, &plan, &fingerprints);
+        for v in &cp.variants {
+            let unchanged = matches!((accepted.variants.get(v.label.as_str()), inputs.get(v.label.as_str())), (Some(a), Some(c)) if a.settings == c.settings);
+            if !unchanged {
+                continue;
+            }
+            for &seed in &v.seeds {
+                let id = v.image_id(seed).to_string();
+                let path = store.png(case.name.as_str(), &id);
+                if path.is_file() {
+                    accepted_files.push(((case.name.to_string(), id), path));
+                }
+            }
+        }
+    }
+    let accepted_images = scoring::embed_accepted(&scorers, &cache, &accepted_files, &mut notes)?;
+    timings.score = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let src = measure::Sources { suite: &suite, plan: &plan, generation: &generation, emb: &emb, model_fingerprints: &fingerprints, accepted: &accepted_images };
     let mut per_case: Vec<(usize, Vec<CheckResult>, measure::CaseNumbers)> = Vec::new();
     let mut prompt_scores = Vec::new();
     for cp in &plan.cases {
@@ -349,65 +393,82 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         .collect();
     timings.checks = t.elapsed().as_secs_f64();
 
-    // Baselines: accepted measurements (regression) and images (baseline), per case.
+    // Baselines: accepted measurements (regression, slices, misses) and images (baseline), per case.
     let t = Instant::now();
-    let class = baseline_class(&opts.device, opts.dtype);
-    let (store, recovered) = BaselineStore::open(&opts.baselines_dir, &suite.name, &class, opts.update)?;
-    notes.extend(recovered);
     let mut evidence = Vec::new();
     let mut produced = HashSet::new();
     let mut written = Vec::new();
     let mut results = Vec::new();
     let mut stacks = Vec::new();
-    // Every case's pairs with its accepted measurements, for the suite-wide regression check.
-    let mut pooled = crate::baseline::scores::Pairing::default();
-    let mut pooled_files: Vec<(String, String)> = Vec::new();
-    for ((ci, mut case_results, numbers), cp) in per_case.into_iter().zip(&plan.cases) {
+    let mut candidates = Vec::new();
+    let mut baseline_results = Vec::new();
+    for (((ci, mut case_results, numbers), cp), accepted) in per_case.iter_mut().map(|(a, b, c)| (*a, std::mem::take(b), c)).zip(&plan.cases).zip(&accepted_scores) {
         let case = &suite.cases[ci];
         let rules = verdicts::Rules::of(case, suite.policy.incompatible_base);
         let images = compare_images(&store, &suite, cp, &src, &mut evidence, &mut produced)?;
         written.extend(images.written.iter().cloned());
-        // Measurements: compared with the accepted ones; written for review when they are new
-        // or when images of the case changed.
+        // Measurements: written for review when they are new or when images of the case changed.
         let candidate = numbers.score_baseline(&suite, case, cp, &src, &names);
         produced.insert(BaselineStore::scores_key(case.name.as_str()));
-        let regression = match store.scores(case.name.as_str()) {
-            Ok(accepted) => {
-                let r = verdicts::regression(&rules, accepted.as_ref(), &candidate);
-                if let Some(a) = accepted.as_ref().filter(|a| a.scorer == candidate.scorer) {
-                    pooled.merge(crate::baseline::scores::pair(a, &candidate));
-                    pooled_files.extend(verdicts::replaced_files(a, &candidate));
-                }
-                // Files from before per-metric scorers were recorded are rewritten once to name them.
-                let current = accepted.as_ref().is_some_and(|a| a.scorer == candidate.scorer && a.scorers == candidate.scorers && a.variants == candidate.variants);
-                if current && images.written.is_empty() {
-                    store.remove_pending_scores(case.name.as_str());
-                } else if let Some(p) = store.write_scores(case.name.as_str(), &candidate)? {
-                    written.push(p);
-                }
-                r
+        if let Ok(accepted) = accepted {
+            // Files from before per-metric scorers were recorded are rewritten once to name them.
+            let current = accepted.as_ref().is_some_and(|a| a.scorer == candidate.scorer && a.scorers == candidate.scorers && a.variants == candidate.variants);
+            if current && images.written.is_empty() {
+                store.remove_pending_scores(case.name.as_str());
+            } else if let Some(p) = store.write_scores(case.name.as_str(), &candidate)? {
+                written.push(p);
             }
-            Err(why) => rules_error(&rules, "regression", format!("the accepted measurements cannot be read: {why}")),
-        };
-        case_results.push(regression);
-        if let Some(b) = baseline_verdict(&rules, &images, suite.policy.changed_images, opts.update) {
-            case_results.push(b);
         }
-        apply_known_failures(&mut case_results, &case.known_failures);
-        results.extend(case_results);
-        if let Some(s) = numbers.stack {
+        let comparable = accepted.as_ref().ok().and_then(|a| a.as_ref()).filter(|a| a.scorer == candidate.scorer);
+        verdicts::settle_misses(&mut case_results, &rules, &numbers.variants, comparable, &candidate);
+        baseline_results.push(baseline_verdict(&rules, &images, suite.policy.changed_images, opts.update));
+        results.push(case_results);
+        candidates.push(candidate);
+        if let Some(s) = numbers.stack.take() {
             stacks.push((case.name.to_string(), s));
         }
     }
-    results.extend(group_results);
-    if !pooled.pairs.is_empty() && suite.cases.len() > 1 {
-        // Small drops everywhere add up: all cases' pairs together have the power one case
-        // with a few seeds lacks.
-        pooled_files.sort();
-        pooled_files.dedup();
-        let changed = if pooled_files.is_empty() { String::new() } else { format!(" {}", verdicts::files_note(&pooled_files)) };
-        results.push(verdicts::regression_of_pairs("all-cases", "regression", &pooled, suite.thresholds.regression, &changed));
+    // The statistical checks of every case at once, under one false-alarm budget.
+    let inputs: Vec<run_verdicts::CaseInput> = per_case
+        .iter()
+        .zip(&candidates)
+        .zip(&accepted_scores)
+        .map(|(((ci, _, numbers), candidate), accepted)| {
+            let case = &suite.cases[*ci];
+            let (accepted, no_accepted) = match accepted {
+                Err(why) => (None, Some((Status::Failed, format!("the accepted measurements cannot be read: {why}")))),
+                Ok(None) => (None, Some((Status::Review, "no accepted measurements yet: accept this run's (`loragate baseline accept`) to gate later versions on them".to_string()))),
+                Ok(Some(a)) if a.scorer != candidate.scorer => {
+                    (None, Some((Status::Review, format!("the accepted measurements come from another scorer ({}; now {}): accept new ones", a.scorer, candidate.scorer))))
+                }
+                Ok(Some(a)) => (Some(a), None),
+            };
+            let replaced = accepted.map(|a| verdicts::replaced_files(a, candidate)).unwrap_or_default();
+            run_verdicts::CaseInput {
+                name: case.name.as_str(),
+                thresholds: &case.thresholds,
+                prompt_set: matches!(case.variant, crate::suite::Variant::Prompts { .. }),
+                numbers,
+                candidate,
+                accepted,
+                no_accepted,
+                changed: if replaced.is_empty() { String::new() } else { format!(" {}", verdicts::files_note(&replaced)) },
+            }
+        })
+        .collect();
+    let judged = run_verdicts::judge(&inputs, &suite.thresholds.regression);
+    drop(inputs);
+    let mut all_results = Vec::new();
+    for (((ci, ..), (mut case_results, statistical)), baseline) in per_case.iter().zip(results.into_iter().zip(judged.per_case)).zip(baseline_results) {
+        let case = &suite.cases[*ci];
+        case_results.extend(statistical);
+        case_results.extend(baseline);
+        apply_known_failures(&mut case_results, &case.known_failures);
+        all_results.extend(case_results);
     }
+    let mut results = all_results;
+    results.extend(group_results);
+    results.extend(judged.suite.iter().cloned());
     for r in &mut results {
         r.scorer = names.of_check(&r.check);
     }
@@ -440,6 +501,8 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         notes,
         stacks,
         prompt_scores,
+        slices: judged.slices,
+        statistical_tests: judged.tests,
         baseline_dir: store.dir.clone(),
         update: opts.update,
         device: crate::device::device_class(&opts.device).into(),
@@ -465,13 +528,10 @@ fn prompt_scores_of(case: &crate::suite::Case, n: &measure::CaseNumbers) -> Vec<
                 floor: v.floor,
                 seeds: v.seeds.len(),
                 image: crate::names::SafeName::slug(&format!("{}-s{}", v.label, v.seeds[0].seed)).to_string(),
+                slices: v.slices.clone(),
             }
         })
         .collect()
-}
-
-fn rules_error(r: &verdicts::Rules, check: &str, message: String) -> CheckResult {
-    CheckResult { case: r.case.to_string(), check: check.into(), status: Status::Failed, message, metrics: vec![], scorer: String::new() }
 }
 
 /// The more alarming of two statuses, for a case's colour in the report.
@@ -533,6 +593,8 @@ fn compare_images(
             evidence.push(Evidence {
                 case: case.name.to_string(),
                 id: id.to_string(),
+                variant: v.label.to_string(),
+                seed,
                 caption: format!("{} · seed {seed}", v.label),
                 current: img.clone(),
                 control,

@@ -183,6 +183,53 @@ pub fn embed_all(
     Ok(Embeddings { images, identity_images, texts: text_map, references: ref_map, aesthetic, warnings })
 }
 
+/// Identity embeddings of the accepted baseline images (for the reference-free identity check),
+/// keyed as given; cached by pixel content like generated images. An accepted image that does
+/// not decode is left out with a note (its own `baseline` check fails and names it).
+pub fn embed_accepted<K: Clone + Eq + std::hash::Hash>(
+    scorers: &Scorers,
+    cache: &ImageCache,
+    files: &[(K, PathBuf)],
+    notes: &mut Vec<String>,
+) -> Result<HashMap<K, Vec<f32>>> {
+    let space = match scorers.identity {
+        Some(m) => m.embedding_space()?,
+        None => scorers.text.embedding_space()?,
+    };
+    let mut out = HashMap::new();
+    let mut todo: HashMap<(u32, u32), Vec<(K, String, RgbImage)>> = HashMap::new();
+    for (k, path) in files {
+        let img = match read_image(path) {
+            Ok(i) => i,
+            Err(e) => {
+                notes.push(format!("accepted image {} left out of the likeness check: {e}", path.display()));
+                continue;
+            }
+        };
+        let key = format!("accepted|{}", crate::baseline::pixel_hash(&img));
+        match cached(cache, &space, &key) {
+            Some(v) => {
+                out.insert(k.clone(), v);
+            }
+            None => todo.entry(img.dimensions()).or_default().push((k.clone(), key, img)),
+        }
+    }
+    for (_, items) in todo {
+        for chunk in items.chunks(32) {
+            let batch: Vec<RgbImage> = chunk.iter().map(|(_, _, i)| i.clone()).collect();
+            let rows = match scorers.identity {
+                Some(m) => m.image_embedding_rows(&batch)?,
+                None => scorers.text.image_embedding_rows(&batch)?,
+            };
+            for ((k, key, _), e) in chunk.iter().zip(rows) {
+                cache.put_vector(&space, key, &e)?;
+                out.insert(k.clone(), e);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Which model measured what. Every check result names its scorer (JUnit, the report), and
 /// score baselines keep the scorer of every metric with its content fingerprint, so numbers
 /// of another model are never compared.
@@ -234,6 +281,8 @@ impl ScorerNames {
                 let id = match m {
                     Metric::Clip => text_id.clone(),
                     Metric::Identity => identity_id.clone(),
+                    // Never stored: measured against the accepted images on every run.
+                    Metric::Likeness => return None,
                     Metric::Aesthetic => aesthetic_id.clone()?,
                     Metric::WordOrder | Metric::Effect | Metric::Leak | Metric::Diversity => PIXELS.to_string(),
                 };
@@ -246,12 +295,12 @@ impl ScorerNames {
     /// The scorer a check's numbers come from, by the check's kind.
     pub fn of_check(&self, check: &str) -> String {
         match check.split(['/', '@']).next().unwrap_or(check) {
-            "clip" | "per-seed" | "control" | "sweep" | "bisect" => self.text.clone(),
+            "clip" | "per-seed" | "control" | "sweep" | "bisect" | "misses" => self.text.clone(),
             "identity" | "identity-group" => self.identity.clone(),
             "aesthetic" => self.aesthetic.clone().unwrap_or_default(),
             "stack" => format!("{PIXELS}; look: {}", self.identity),
             "effect" | "leak" | "word-order" | "diversity" | "baseline" | "sweep-zero" | "sanity" => PIXELS.to_string(),
-            "regression" => {
+            "regression" | "slice" => {
                 let mut all = vec![self.text.clone()];
                 all.extend([self.identity.clone()].into_iter().chain(self.aesthetic.clone()).filter(|s| *s != self.text));
                 all.push(PIXELS.into());
@@ -290,6 +339,9 @@ mod tests {
             ("word-order", "pixels"),
             ("baseline", "pixels"),
             ("regression", "tiny-clip, dinov2-base (DINOv2), laion.safetensors on clip-l, pixels"),
+            ("slice", "tiny-clip, dinov2-base (DINOv2), laion.safetensors on clip-l, pixels"),
+            ("identity/accepted", "dinov2-base (DINOv2)"),
+            ("misses", "tiny-clip"),
             ("applied@tiny", ""),
             ("images", ""),
         ] {

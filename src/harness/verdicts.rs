@@ -9,15 +9,16 @@
 //! - relative checks (word order, identity, identity groups, diversity) compare the LoRA with
 //!   the no-LoRA control and fail when the LoRA is worse than the base model by more than a
 //!   margin, reporting both figures;
-//! - `regression` compares a run with the accepted measurements and fails only when the
-//!   candidate is significantly worse;
+//! - a seed's miss, and in prompt sets a prompt's, is judged against the accepted version
+//!   ([`settle_misses`]);
+//! - `regression`, `slice`, `identity/accepted` and `misses` are statistical and judged
+//!   run-wide ([`super::run_verdicts`]);
 //! - `baseline` fails when pixels changed while the inputs did not (the environment moved
 //!   them), and asks for review when the inputs changed.
 
 use super::measure::{AppliedNumbers, CaseNumbers, GroupNumbers, StackNumbers, VariantNumbers};
-use super::stats::{DropEstimate, bootstrap_mean, seed_of, sign_flip_p};
 use super::{CheckResult, Status};
-use crate::baseline::scores::{Metric, Pairing, ScoreBaseline, pair};
+use crate::baseline::scores::ScoreBaseline;
 use crate::suite::{Aggregate, Case, IncompatiblePolicy, Thresholds, Variant};
 
 /// What a case asks of its numbers.
@@ -573,26 +574,64 @@ pub fn identity_group(g: &GroupNumbers) -> CheckResult {
     res
 }
 
-/// The candidate against the accepted measurements of one case. Fails only where a metric is
-/// significantly worse by more than the tolerance (sign-flip test, p < 0.05).
-pub fn regression(r: &Rules, accepted: Option<&ScoreBaseline>, candidate: &ScoreBaseline) -> CheckResult {
-    let Some(accepted) = accepted else {
-        return r.result("regression", Status::Review, "no accepted measurements yet: accept this run's (`loragate baseline accept`) to gate later versions on them".into());
-    };
-    if accepted.scorer != candidate.scorer {
-        return r.result(
-            "regression",
-            Status::Review,
-            format!("the accepted measurements come from another scorer ({}; now {}): accept new ones", accepted.scorer, candidate.scorer),
-        );
+/// One seed, or one prompt of a prompt set, is one noisy number: its miss is judged against
+/// the accepted version. A miss the accepted version had too becomes a known failure (accepted
+/// as it is), a new one a review item. Whether a prompt set has significantly more misses than
+/// before is the run-wide `misses` check's question, and a case's mean still has its floor.
+/// Without accepted scores, a miss still fails.
+pub fn settle_misses(results: &mut [CheckResult], r: &Rules, variants: &[VariantNumbers], accepted: Option<&ScoreBaseline>, candidate: &ScoreBaseline) {
+    let Some(accepted) = accepted else { return };
+    let prompt_set = r.kind == Kind::Prompts;
+    let t = r.t;
+    // Per seed, a miss is judged on that seed alone.
+    let one_seed = Thresholds { clip_aggregate: Aggregate::Mean, ..t.clone() };
+    let before: Vec<(&VariantNumbers, Option<Vec<f64>>)> = variants.iter().map(|v| (v, super::run_verdicts::accepted_clips(accepted, candidate, v))).collect();
+    for res in results.iter_mut().filter(|res| res.status == Status::Failed) {
+        if let Some(label) = res.check.strip_prefix("clip/").filter(|_| prompt_set) {
+            let Some((v, Some(acc))) = before.iter().find(|(v, _)| v.label == label) else { continue };
+            let was = aggregate(acc, t.clip_aggregate);
+            if was < v.floor {
+                res.status = Status::Known;
+                res.message = format!("under the floor as the accepted version was ({}): {}", r.show(was), res.message);
+            } else {
+                res.status = Status::Review;
+                res.message = format!("a new miss (the accepted version scored {}); one prompt alone does not fail the gate, `misses` counts them: {}", r.show(was), res.message);
+            }
+        } else if (res.check == "control" && prompt_set) || res.check == "per-seed" {
+            // Which prompts (or seeds) miss now, and which of them missed before.
+            let per_seed = res.check == "per-seed";
+            let mut new = Vec::new();
+            for (v, acc) in &before {
+                let controls: Vec<f64> = v.seeds.iter().filter_map(|s| s.clip_control).collect();
+                let clips: Vec<f64> = v.seeds.iter().map(|s| s.clip).collect();
+                let dropped = |c: &[f64]| controls.len() == c.len() && aggregate(&controls, t.clip_aggregate) - aggregate(c, t.clip_aggregate) > t.control_drop;
+                if !per_seed {
+                    if dropped(&clips) && !acc.as_deref().is_some_and(dropped) {
+                        new.push(v.label.clone());
+                    }
+                    continue;
+                }
+                for (k, s) in v.seeds.iter().enumerate() {
+                    let control: Vec<f64> = s.clip_control.into_iter().collect();
+                    if !super::run_verdicts::misses(&[s.clip], &control, v.floor, &one_seed) {
+                        continue;
+                    }
+                    let before = acc.as_ref().and_then(|a| a.get(k)).is_some_and(|a| super::run_verdicts::misses(&[*a], &control, v.floor, &one_seed));
+                    if !before {
+                        new.push(format!("{} seed {}", v.label, s.seed));
+                    }
+                }
+            }
+            let what = if per_seed { "a seed" } else { "a prompt" };
+            if new.is_empty() {
+                res.status = Status::Known;
+                res.message = format!("misses only where the accepted version missed too: {}", res.message);
+            } else {
+                res.status = Status::Review;
+                res.message = format!("new misses, to review ({}); {what} alone does not fail the gate: {}", new.join(", "), res.message);
+            }
+        }
     }
-    let pairing = pair(accepted, candidate);
-    if pairing.pairs.is_empty() {
-        return r.result("regression", Status::Review, format!("none of the {} measurements pairs with an accepted one (the case's prompts or settings changed): accept new ones", candidate.measurements.len()));
-    }
-    let replaced = replaced_files(accepted, candidate);
-    let changed = if replaced.is_empty() { String::new() } else { format!(" {}", files_note(&replaced)) };
-    regression_of_pairs(r.case, "regression", &pairing, r.t.regression, &changed)
 }
 
 /// The accepted LoRA files the candidate no longer uses (the files it replaced).
@@ -606,45 +645,10 @@ pub fn files_note(files: &[(String, String)]) -> String {
     format!("against the accepted {}", files.iter().map(|(n, h)| format!("{n} ({})", &h[..h.len().min(8)])).collect::<Vec<_>>().join(", "))
 }
 
-/// The regression verdict of paired measurements: per metric, the mean drop with its 95 %
-/// interval, and a failure where the drop exceeds `tol` significantly.
-pub fn regression_of_pairs(case: &str, check: &str, pairing: &Pairing, tol: f64, changed: &str) -> CheckResult {
-    const ALPHA: f64 = 0.05;
-    let mut worse = Vec::new();
-    let mut parts = Vec::new();
-    let mut metrics = Vec::new();
-    let mut too_few = true;
-    for metric in Metric::ALL {
-        let Some(pairs) = pairing.pairs.get(&metric) else { continue };
-        let drops: Vec<f64> = pairs.iter().map(|(a, c)| metric.drop(*a, *c)).collect();
-        let seed = seed_of(&format!("{case}/{}", metric.name()));
-        let Some(DropEstimate { mean, low, high, pairs: n }) = bootstrap_mean(&drops, seed) else { continue };
-        let excess: Vec<f64> = drops.iter().map(|d| d - tol).collect();
-        let p = sign_flip_p(&excess, seed);
-        too_few &= n < 5;
-        let text = format!("{}: mean drop {mean:+.4} (95 % interval {low:+.4} to {high:+.4}, {n} pairs, p {p:.3})", metric.name());
-        if p < ALPHA && mean > tol {
-            worse.push(text.clone());
-        }
-        parts.push(text);
-        metrics.push((format!("{}_drop", metric.name()), mean));
-        metrics.push((format!("{}_p", metric.name()), p));
-    }
-    let unpaired = if pairing.unpaired > 0 { format!("; {} measurements had no accepted counterpart", pairing.unpaired) } else { String::new() };
-    let few = if too_few && worse.is_empty() { "; too few pairs for any drop to be significant here (5 needed)" } else { "" };
-    let (status, message) = if worse.is_empty() {
-        (Status::Passed, format!("no worse than accepted{changed} beyond the tolerance {tol}: {}{unpaired}{few}", parts.join("; ")))
-    } else {
-        (Status::Failed, format!("significantly worse than accepted{changed} (tolerance {tol}, p < {ALPHA}): {}{unpaired}", worse.join("; ")))
-    };
-    CheckResult { case: case.to_string(), check: check.to_string(), status, message, metrics, scorer: String::new() }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::harness::generate::ApplyOutcome;
-    use crate::baseline::scores::{Measurement, VariantInputs};
     use crate::harness::measure::SeedNumbers;
     use crate::lora::ApplyReport;
     use crate::lora::apply::ApplyEntry;
@@ -893,51 +897,6 @@ mod tests {
         // The look alone (CLIP space) does not decide.
         let look_lost = StackNumbers { identity_kept: vec![vec![Some(1.0), Some(0.1)], vec![Some(0.1), Some(1.0)]], ..fine };
         assert_eq!(stack(&rules(&t, Kind::Stack), &look_lost).status, Status::Passed);
-    }
-
-    fn scores(values: &[f64], settings: &str, lora_hash: &str) -> ScoreBaseline {
-        let mut variants = std::collections::BTreeMap::new();
-        variants.insert("main".to_string(), VariantInputs { settings: settings.into(), loras: vec![("z.safetensors".into(), lora_hash.into())] });
-        ScoreBaseline {
-            suite: "s".into(),
-            case: "c".into(),
-            scorer: "tiny-clip".into(),
-            scorers: Default::default(),
-            variants,
-            measurements: values.iter().enumerate().map(|(i, v)| Measurement { metric: Metric::Clip, variant: "main".into(), seed: Some(i as u64), value: *v }).collect(),
-        }
-    }
-
-    #[test]
-    fn regression_fails_only_when_significantly_worse_than_accepted() {
-        let t = Thresholds { regression: 0.02, ..Default::default() };
-        let r = rules(&t, Kind::Single);
-        let accepted = scores(&[0.40, 0.42, 0.38, 0.41, 0.39, 0.40], "x", "aaaa");
-        // A retrain that wobbles around the accepted values: passes.
-        let wobble = scores(&[0.41, 0.40, 0.39, 0.42, 0.38, 0.40], "x", "bbbb");
-        let res = regression(&r, Some(&accepted), &wobble);
-        assert_eq!(res.status, Status::Passed, "{}", res.message);
-        assert!(res.message.contains("against the accepted z.safetensors (aaaa)"), "{}", res.message);
-        // Every seed 0.1 worse: fails, with the interval.
-        let worse = scores(&[0.30, 0.32, 0.28, 0.31, 0.29, 0.30], "x", "bbbb");
-        let res = regression(&r, Some(&accepted), &worse);
-        assert_eq!(res.status, Status::Failed, "{}", res.message);
-        assert!(res.message.contains("clip: mean drop +0.1000"), "{}", res.message);
-        assert!(res.message.contains("p 0.016"), "6 pairs, all worse: p = 1/64: {}", res.message);
-        // One bad seed among good ones is not significant by itself.
-        let one = scores(&[0.40, 0.42, 0.38, 0.41, 0.39, 0.10], "x", "bbbb");
-        assert_eq!(regression(&r, Some(&accepted), &one).status, Status::Passed);
-        // Two seeds, both much worse: too few pairs to call significant in one case.
-        let two = regression(&r, Some(&scores(&[0.4, 0.4], "x", "aaaa")), &scores(&[0.2, 0.2], "x", "bbbb"));
-        assert_eq!(two.status, Status::Passed);
-        assert!(two.message.contains("too few pairs"), "{}", two.message);
-        // Better is never a regression.
-        assert_eq!(regression(&r, Some(&accepted), &scores(&[0.6; 6], "x", "bbbb")).status, Status::Passed);
-        // Nothing to compare with: a review item, not a failure.
-        assert_eq!(regression(&r, None, &worse).status, Status::Review);
-        assert_eq!(regression(&r, Some(&accepted), &scores(&[0.3; 6], "other prompt", "bbbb")).status, Status::Review);
-        let other_scorer = ScoreBaseline { scorer: "openai/clip-vit-large-patch14".into(), ..worse };
-        assert_eq!(regression(&r, Some(&accepted), &other_scorer).status, Status::Review);
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct VariantPlan {
     pub images: Vec<usize>,
     /// Job index per seed of the no-LoRA control (empty when the variant has none).
     pub controls: Vec<usize>,
+    /// The slices this variant belongs to (`bg=grass`, `tag=large`, `first=large`,
+    /// `size=192x192`, `model=tiny-sticker`): its measurements are grouped by them.
+    pub slices: Vec<String>,
 }
 
 impl VariantPlan {
@@ -123,6 +126,27 @@ struct VariantSpec {
     control: bool,
     /// A prompt set's per-prompt settings (kohya's `--n --d --l --s --ss`).
     overrides: Option<super::prompts::PromptEntry>,
+    slices: Vec<String>,
+}
+
+/// `tag=<tag>` for each comma-separated tag of `prompt`, trigger words removed (a tag that is
+/// only a trigger names no slice).
+pub fn tag_slices(prompt: &str, triggers: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for tag in prompt.split(',') {
+        let words: Vec<String> = tag.split_whitespace().map(|w| w.to_lowercase()).filter(|w| !triggers.iter().any(|t| t.eq_ignore_ascii_case(w))).collect();
+        let key = format!("tag={}", words.join(" "));
+        if !words.is_empty() && !out.contains(&key) {
+            out.push(key);
+        }
+    }
+    out
+}
+
+/// The tag a prompt names first (`first=<tag>`), for slicing tag orders.
+fn first_tag(prompt: &str) -> Vec<String> {
+    let first = prompt.split(',').map(|t| t.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()).find(|t| !t.is_empty());
+    first.map(|t| vec![format!("first={t}")]).unwrap_or_default()
 }
 
 /// Expands every case of `suite`.
@@ -153,6 +177,8 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
         };
         let floor = case.thresholds.clip_floor;
         let first = &case.models[0];
+        let triggers: Vec<&str> = case.adapters.iter().filter_map(|a| suite.loras[a.lora].trigger.as_deref()).collect();
+        let tags = |prompt: &str| tag_slices(prompt, &triggers);
         // The common shape: the case's prompt and stack on one model.
         let spec = |label: String, model: &ModelRef, size: (usize, usize)| VariantSpec {
             label,
@@ -165,28 +191,35 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
             added: None,
             control: case.control,
             overrides: None,
+            slices: Vec::new(),
         };
         let mut specs: Vec<VariantSpec> = Vec::new();
         match &case.variant {
             Variant::Single => {
                 for m in &case.models {
                     let label = if case.models.len() > 1 { m.label.to_string() } else { "main".into() };
-                    specs.push(spec(label, m, size_of(m)?));
+                    specs.push(VariantSpec { slices: tags(&case.prompt), ..spec(label, m, size_of(m)?) });
                 }
             }
             Variant::BaseSwap => {
                 for m in &case.models {
-                    specs.push(spec(m.label.to_string(), m, size_of(m)?));
+                    let mut slices = vec![format!("model={}", m.label)];
+                    slices.extend(tags(&case.prompt));
+                    specs.push(VariantSpec { slices, ..spec(m.label.to_string(), m, size_of(m)?) });
                 }
             }
             Variant::WordOrder { prompts } => {
                 for (i, p) in prompts.iter().enumerate() {
-                    specs.push(VariantSpec { prompt: p.clone(), ..spec(format!("order-{i}"), first, size_of(first)?) });
+                    let mut slices = first_tag(p);
+                    slices.extend(tags(p));
+                    specs.push(VariantSpec { prompt: p.clone(), slices, ..spec(format!("order-{i}"), first, size_of(first)?) });
                 }
             }
             Variant::Ladder { rungs } => {
                 for (size, f) in rungs {
-                    specs.push(VariantSpec { floor: f.unwrap_or(floor), ..spec(format!("{}x{}", size.0, size.1), first, *size) });
+                    let mut slices = vec![format!("size={}x{}", size.0, size.1)];
+                    slices.extend(tags(&case.prompt));
+                    specs.push(VariantSpec { floor: f.unwrap_or(floor), slices, ..spec(format!("{}x{}", size.0, size.1), first, *size) });
                 }
             }
             Variant::Sweep { adapter, weights } => {
@@ -214,9 +247,11 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
             Variant::Prompts { entries } => {
                 let native = size_of(first)?;
                 for e in entries {
+                    let slices = if e.slots.is_empty() { tags(&e.prompt) } else { e.slots.iter().map(|(k, v)| format!("{k}={}", v.to_lowercase())).collect() };
                     specs.push(VariantSpec {
                         prompt: e.prompt.clone(),
                         overrides: Some(e.clone()),
+                        slices,
                         ..spec(e.label.clone(), first, e.size.unwrap_or(native))
                     });
                 }
@@ -275,6 +310,7 @@ pub fn expand(suite: &Suite) -> Result<Plan> {
                 seeds,
                 images,
                 controls,
+                slices: v.slices,
             });
         }
         cases.push(CasePlan { case: ci, variants });

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 pub use validate::load_suite;
 
+use crate::baseline::scores::Metric;
 use crate::lora::LoraFile;
 use crate::model::scheduler::SamplerKind;
 use crate::score::clip::Scale;
@@ -71,6 +72,19 @@ pub struct SuiteLora {
     pub weight: f64,
     pub trigger: Option<String>,
     pub class_word: Option<String>,
+    /// The character sheet: every image made with this LoRA and its trigger is scored for
+    /// identity against these.
+    pub references: Vec<PathBuf>,
+}
+
+impl SuiteLora {
+    /// Whether `prompt` calls this LoRA's character: it names the trigger, or the LoRA has none.
+    pub fn triggered_by(&self, prompt: &str) -> bool {
+        match &self.trigger {
+            None => true,
+            Some(t) => prompt.split(|c: char| c == ',' || c.is_whitespace()).any(|w| w.eq_ignore_ascii_case(t)),
+        }
+    }
 }
 
 /// One LoRA of a stack: index into [`Suite::loras`] and weight.
@@ -118,11 +132,30 @@ pub struct Thresholds {
     pub relative_margin: f64,
     /// The share of the control's seed-to-seed variety the LoRA must keep (collapse check).
     pub diversity: f64,
+    /// The share of the accepted images' likeness among themselves (beyond a no-LoRA image's)
+    /// that new images must keep, over a case and over each of its slices (`identity/accepted`).
+    pub likeness: f64,
     /// The largest share of its own pixel effect a LoRA may lose when stacked.
     pub stack_loss: f64,
-    /// The largest tolerated drop against the accepted measurements (regression check), in
-    /// each measurement's own units.
-    pub regression: f64,
+    /// The largest tolerated drop against the accepted measurements (regression and slice
+    /// checks), per metric in its own units.
+    pub regression: Tolerances,
+}
+
+/// Regression tolerances, each in its metric's units. A metric without one takes its default
+/// from the accepted run's own seed noise (see [`crate::harness::stats::tolerance_from_seed_noise`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tolerances {
+    /// One number for every metric (`regression: 0.02`).
+    pub all: Option<f64>,
+    pub per_metric: std::collections::BTreeMap<Metric, f64>,
+}
+
+impl Tolerances {
+    /// The tolerance the suite sets for `metric`, if it sets one.
+    pub fn set_for(&self, metric: Metric) -> Option<f64> {
+        self.per_metric.get(&metric).copied().or(self.all)
+    }
 }
 
 impl Default for Thresholds {
@@ -145,8 +178,9 @@ impl Default for Thresholds {
             per_seed: true,
             relative_margin: 0.05,
             diversity: 0.5,
+            likeness: 0.5,
             stack_loss: 0.5,
-            regression: 0.02,
+            regression: Tolerances::default(),
         }
     }
 }
@@ -225,7 +259,7 @@ impl KnownFailure {
 /// `known_failures`).
 pub const CHECK_KINDS: &[&str] = &[
     "applied", "sanity", "images", "clip", "per-seed", "control", "effect", "leak", "word-order", "identity", "aesthetic", "diversity", "sweep", "sweep-zero",
-    "bisect", "stack", "regression", "baseline",
+    "bisect", "stack", "regression", "slice", "misses", "baseline",
 ];
 
 #[derive(Debug, Clone)]

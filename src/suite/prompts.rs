@@ -28,6 +28,9 @@ pub struct PromptEntry {
     pub sampler: Option<SamplerKind>,
     /// The line of a prompt file it came from.
     pub line: Option<usize>,
+    /// A matrix expansion's slot values (`bg` → `grass`), in the template's order: the slices
+    /// its measurements are grouped by.
+    pub slots: Vec<(String, String)>,
 }
 
 /// The slot names of a template, in order of first appearance: `{size}` → `size`.
@@ -131,7 +134,8 @@ pub fn expand_matrix(template: &str, slots: &[(String, Vec<String>)], sample: Op
             label = format!("{label}+{index}");
             labels.insert(label.clone());
         }
-        out.push(PromptEntry { label, prompt: tidy(&prompt), ..Default::default() });
+        let slots = names.iter().zip(&chosen).map(|(n, v)| (n.clone(), v.trim().to_string())).collect();
+        out.push(PromptEntry { label, prompt: tidy(&prompt), slots, ..Default::default() });
     }
     Ok(out)
 }

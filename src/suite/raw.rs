@@ -104,6 +104,12 @@ pub struct RawLora {
     pub trigger: Option<String>,
     #[serde(default)]
     pub class_word: Option<String>,
+    /// The character sheet: reference images or folders of images, relative to the suite file.
+    /// Every image made with this LoRA active and its trigger in the prompt is scored for
+    /// identity against them (every case, variant, matrix or prompts-file line, seed).
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<String>>")]
+    pub references: Option<Vec<Spanned<String>>>,
 }
 
 /// Generation settings for every case unless the case overrides them.
@@ -205,15 +211,32 @@ pub struct RawThresholds {
     /// LoRA has collapsed to one picture (default 0.5).
     #[serde(default)]
     pub diversity: Option<f64>,
+    /// The share (0–1) of the accepted images' likeness among themselves that new images of
+    /// the same prompts must keep, over a case and each of its slices (`identity/accepted`,
+    /// default 0.5): the reference-free identity check of a retrained LoRA.
+    #[serde(default)]
+    pub likeness: Option<f64>,
     /// The largest share (0–1) of its own pixel effect a LoRA may lose when stacked with
     /// another (default 0.5).
     #[serde(default)]
     pub stack_loss: Option<f64>,
-    /// The largest tolerated drop against the accepted measurements, in each measurement's
-    /// units (raw cosine for CLIP; default 0.02). The regression check fails when the drop's
-    /// 95 % interval lies wholly above it.
+    /// The largest tolerated drop against the accepted measurements, in each metric's own
+    /// units: a map (`{ clip: 0.02, aesthetic: 0.3 }`; metrics: clip, identity, word-order,
+    /// effect, leak, diversity, aesthetic, likeness) or one number for every metric. A metric
+    /// without one takes a quarter of the seed-to-seed standard deviation of its accepted
+    /// measurements. The regression and slice checks fail where a one-sided test finds the
+    /// drop above it.
     #[serde(default)]
-    pub regression: Option<f64>,
+    #[schemars(with = "Option<RawTolerance>")]
+    pub regression: Option<Spanned<RawTolerance>>,
+}
+
+/// Regression tolerances: one number for every metric, or one per metric.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawTolerance {
+    All(f64),
+    PerMetric(std::collections::BTreeMap<String, f64>),
 }
 
 /// What to do when something cannot run as asked.

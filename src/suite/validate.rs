@@ -172,10 +172,14 @@ fn resolve_model_ref(ctx: &Ctx, s: &Spanned<raw::RawModel>) -> Result<ModelRef> 
     }
 }
 
-fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
+fn thresholds(ctx: &Ctx, base: &Thresholds, raw: &RawThresholds) -> Result<Thresholds> {
     let scale = raw.clip_scale.unwrap_or(base.clip_scale);
     let to_cos = |v: Option<f64>, d: f64| v.map(|v| scale.to_cosine(v)).unwrap_or(d);
-    Thresholds {
+    let regression = match &raw.regression {
+        None => base.regression.clone(),
+        Some(t) => tolerances(ctx, t, base)?,
+    };
+    Ok(Thresholds {
         clip_floor: to_cos(raw.clip_floor, base.clip_floor),
         clip_scale: scale,
         clip_aggregate: raw.clip_aggregate.unwrap_or(base.clip_aggregate),
@@ -192,8 +196,36 @@ fn thresholds(base: &Thresholds, raw: &RawThresholds) -> Thresholds {
         per_seed: raw.per_seed.unwrap_or(base.per_seed),
         relative_margin: raw.relative_margin.unwrap_or(base.relative_margin),
         diversity: raw.diversity.unwrap_or(base.diversity),
+        likeness: raw.likeness.unwrap_or(base.likeness),
         stack_loss: raw.stack_loss.unwrap_or(base.stack_loss),
-        regression: raw.regression.unwrap_or(base.regression),
+        regression,
+    })
+}
+
+/// `regression:` as written: one number for every metric, or a map by metric name. A case's
+/// map adds to (and overrides) the suite's.
+fn tolerances(ctx: &Ctx, t: &Spanned<raw::RawTolerance>, base: &Thresholds) -> Result<crate::suite::Tolerances> {
+    use crate::baseline::scores::Metric;
+    let check = |name: &str, v: f64| -> Result<f64> {
+        if v.is_finite() && v >= 0.0 {
+            Ok(v)
+        } else {
+            Err(ctx.err(t, format!("regression tolerance {name} = {v}: it must be a number ≥ 0, in the metric's own units"), None))
+        }
+    };
+    match &t.value {
+        raw::RawTolerance::All(v) => Ok(crate::suite::Tolerances { all: Some(check("(all metrics)", *v)?), per_metric: Default::default() }),
+        raw::RawTolerance::PerMetric(map) => {
+            let mut out = base.regression.clone();
+            for (name, v) in map {
+                let metric = Metric::ALL.iter().copied().find(|m| m.name() == name).ok_or_else(|| {
+                    let names: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+                    ctx.err(t, format!("regression tolerance for `{name}`: no such metric"), Some(format!("metrics: {}", names.join(", "))))
+                })?;
+                out.per_metric.insert(metric, check(name, *v)?);
+            }
+            Ok(out)
+        }
     }
 }
 
@@ -250,8 +282,8 @@ fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
         ("sweep_zero", t.sweep_zero),
         ("relative_margin", t.relative_margin),
         ("diversity", t.diversity),
+        ("likeness", t.likeness),
         ("stack_loss", t.stack_loss),
-        ("regression", t.regression),
     ];
     let unit = unit.into_iter().chain(t.leak.map(|v| ("leak", v)));
     for (name, v) in unit {
@@ -449,6 +481,7 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
             weight,
             trigger: l.trigger.clone().filter(|t| !t.trim().is_empty()),
             class_word: l.class_word.clone(),
+            references: resolve_references(ctx, l.references.as_deref().unwrap_or(&[]))?,
         });
     }
 
@@ -472,7 +505,7 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
         Some(list) => parse_adapters(ctx, list, &loras)?,
         None => Vec::new(),
     };
-    let suite_thresholds = thresholds(&Thresholds::default(), &raw.thresholds);
+    let suite_thresholds = thresholds(ctx, &Thresholds::default(), &raw.thresholds)?;
     check_thresholds(ctx, &suite_thresholds, 1)?;
 
     let mut cases = Vec::with_capacity(raw.cases.len());
@@ -581,7 +614,7 @@ fn resolve_case(
         Some(list) => parse_adapters(ctx, list, loras)?,
         None => default_adapters.to_vec(),
     };
-    let mut thresholds = thresholds(suite_thresholds, rc.thresholds.as_ref().unwrap_or(&RawThresholds::default()));
+    let mut thresholds = thresholds(ctx, suite_thresholds, rc.thresholds.as_ref().unwrap_or(&RawThresholds::default()))?;
     if rc.thresholds.as_ref().is_some_and(|t| t.clip_scale.is_none()) {
         thresholds.clip_scale = suite_thresholds.clip_scale;
     }
@@ -661,38 +694,7 @@ fn resolve_case(
     } else {
         Variant::Single
     };
-    let mut references: Vec<PathBuf> = Vec::new();
-    for r in rc.references.iter().flatten() {
-        let p = ctx.path(&r.value);
-        let is_dir = p.is_dir();
-        let files = if is_dir {
-            // A folder: every image in it, in name order (held-out training images, approved renders).
-            let listed = std::fs::read_dir(&p).map_err(|e| ctx.err(r, format!("reference folder `{}` cannot be listed: {e}", r.value), None))?;
-            let mut files: Vec<PathBuf> = listed
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().and_then(|x| x.to_str()).is_some_and(|x| ["png", "jpg", "jpeg", "webp"].contains(&x.to_ascii_lowercase().as_str())))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(ctx.err(r, format!("reference folder `{}` has no images (.png, .jpg, .jpeg, .webp)", r.value), None));
-            }
-            files
-        } else if p.is_file() {
-            vec![p]
-        } else {
-            return Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None));
-        };
-        for f in files {
-            // Decoded now, so a corrupt reference stops the run before anything is generated.
-            crate::imageio::read_image(&f).map_err(|e| {
-                let shown = if is_dir { format!("{}/{}", r.value.trim_end_matches('/'), f.file_name().unwrap_or_default().to_string_lossy()) } else { r.value.clone() };
-                ctx.err(r, format!("reference image `{shown}` cannot be read: {e}"), Some("replace it with a PNG, JPEG or WebP image".into()))
-            })?;
-            if !references.contains(&f) {
-                references.push(f);
-            }
-        }
-    }
+    let references = resolve_references(ctx, rc.references.as_deref().unwrap_or(&[]))?;
     let used: Vec<&SuiteLora> = adapters.iter().map(|a| &loras[a.lora]).collect();
     let score_text = rc.score_prompt.clone().unwrap_or_else(|| score_text(&prompt, &used));
     if matches!(variant, Variant::Stack { .. }) && rc.control == Some(false) {
@@ -725,6 +727,44 @@ fn resolve_case(
         thresholds,
         line,
     })
+}
+
+/// Reference images as written (files, or folders of images), each decoded now so a corrupt
+/// one stops the run before anything is generated.
+fn resolve_references(ctx: &Ctx, list: &[Spanned<String>]) -> Result<Vec<PathBuf>> {
+    let mut references: Vec<PathBuf> = Vec::new();
+    for r in list {
+        let p = ctx.path(&r.value);
+        let is_dir = p.is_dir();
+        let files = if is_dir {
+            // A folder: every image in it, in name order (held-out training images, approved renders).
+            let listed = std::fs::read_dir(&p).map_err(|e| ctx.err(r, format!("reference folder `{}` cannot be listed: {e}", r.value), None))?;
+            let mut files: Vec<PathBuf> = listed
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && f.extension().and_then(|x| x.to_str()).is_some_and(|x| ["png", "jpg", "jpeg", "webp"].contains(&x.to_ascii_lowercase().as_str())))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(ctx.err(r, format!("reference folder `{}` has no images (.png, .jpg, .jpeg, .webp)", r.value), None));
+            }
+            files
+        } else if p.is_file() {
+            vec![p]
+        } else {
+            return Err(ctx.err(r, format!("reference image `{}` not found (looked at {})", r.value, p.display()), None));
+        };
+        for f in files {
+            // Decoded now, so a corrupt reference stops the run before anything is generated.
+            crate::imageio::read_image(&f).map_err(|e| {
+                let shown = if is_dir { format!("{}/{}", r.value.trim_end_matches('/'), f.file_name().unwrap_or_default().to_string_lossy()) } else { r.value.clone() };
+                ctx.err(r, format!("reference image `{shown}` cannot be read: {e}"), Some("replace it with a PNG, JPEG or WebP image".into()))
+            })?;
+            if !references.contains(&f) {
+                references.push(f);
+            }
+        }
+    }
+    Ok(references)
 }
 
 /// A stack variant's LoRAs, by name, with their weights.
