@@ -6,6 +6,7 @@ mod convert;
 mod generate;
 mod inspect;
 mod junit;
+mod review;
 pub mod schema;
 mod suite;
 mod train;
@@ -35,6 +36,8 @@ enum Command {
     Suite(suite::SuiteArgs),
     /// Review, accept or reject pending baseline images.
     Baseline(baseline::BaselineArgs),
+    /// The review gate: fails while suite runs have images or measurements to review.
+    Review(review::ReviewArgs),
     /// Print the JSON Schema of suite files.
     Schema(schema::SchemaArgs),
     /// Merge JUnit files of partitioned runs into one.
@@ -69,6 +72,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Inspect(a) => inspect::run(a),
         Command::Suite(a) => suite::run(a),
         Command::Baseline(a) => baseline::run(a),
+        Command::Review(a) => review::run(a),
         Command::Schema(a) => schema::run(a),
         Command::MergeJunit(a) => junit::run(a),
         Command::MergeReport(a) => junit::merge_report(a),

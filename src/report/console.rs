@@ -38,6 +38,14 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
             let _ = writeln!(s, "  {:>7.3}  {}/{}  {:?}{control} {mark}", o.scale.apply(p.clip), p.case, p.variant, p.prompt);
         }
     }
+    if !o.slices.is_empty() {
+        let failing = o.slices.iter().filter(|r| r.failed).count();
+        let _ = writeln!(s, "\nworst slices ({failing} failing of {} tested):", o.slices.len());
+        for r in o.slices.iter().take(5) {
+            let line: String = format!("  {} {}: {}", if r.failed { "FAIL" } else { "    " }, r.scope, r.describe()).chars().take(width.max(40)).collect();
+            let _ = writeln!(s, "{line}");
+        }
+    }
     let t = &o.timings;
     let _ = writeln!(
         s,

@@ -61,6 +61,15 @@ td.by{color:#888;font-size:12px;white-space:nowrap}
 .shot img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #ccc;background:#eee}
 .shot .missing{width:128px;height:128px;display:flex;align-items:center;justify-content:center;border:1px dashed #bbb;color:#999}
 .prompt{color:#555;font-family:ui-monospace,monospace;font-size:12px}
+table.slices{border-collapse:collapse;margin:6px 0 14px;font-size:13px;background:#fff}
+table.slices td,table.slices th{border:1px solid #ddd;padding:3px 8px;text-align:left}
+.sheet{background:#fff;border-radius:8px;margin:0 0 12px;padding:8px 12px;box-shadow:0 1px 2px #0002}
+.sheet h3{margin:0 0 6px;font-size:14px}
+.cells{display:flex;flex-wrap:wrap;gap:6px}
+.cell{margin:0;padding:2px;border:2px solid transparent;border-radius:4px;font-size:10px;text-align:center;width:104px}
+.cell img{width:48px;height:48px;image-rendering:pixelated;background:#eee}
+.cell.fail{border-color:#d33}.cell.changed{border-color:#d89b00}
+.cell figcaption{white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .hidden{display:none}
 "#;
 
@@ -70,11 +79,13 @@ function apply(){const t=q.value.toLowerCase();for(const c of document.querySele
 const hit=c.textContent.toLowerCase().includes(t);const ok=!f.checked||!c.classList.contains('passed');
 c.classList.toggle('hidden',!(hit&&ok));}}
 q.addEventListener('input',apply);f.addEventListener('change',apply);
+for(const i of document.querySelectorAll('img[data-from]')){const s=document.getElementById(i.dataset.from);if(s)i.src=s.src;}
 "#;
 
-fn figure(label: &str, png: Option<&[u8]>, extra: &str) -> Result<String> {
+/// An image with its caption; `id` lets the contact sheets show it again without a second copy.
+fn figure(label: &str, png: Option<&[u8]>, extra: &str, id: &str) -> Result<String> {
     Ok(match png {
-        Some(i) => format!("<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra),
+        Some(i) => format!("<figure><img id=\"{id}\" src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra),
         None => format!("<figure><div class=\"missing\">no {}</div><figcaption>{}</figcaption></figure>", esc(label), esc(label)),
     })
 }
@@ -88,11 +99,11 @@ fn shot(e: &Evidence, index: usize, pngs: &EncodedImages) -> Result<String> {
     let score = e.baseline_score.map(|v| format!(" {v:.3}")).unwrap_or_default();
     let clip = e.clip.map(|v| format!(" clip {v:.3}")).unwrap_or_default();
     let _ = write!(s, "<div class=\"shot\"><div class=\"row\">");
-    s.push_str(&figure("baseline", pngs.png(index, ".baseline"), "")?);
-    s.push_str(&figure("current", pngs.png(index, ""), &clip)?);
-    s.push_str(&figure("diff", pngs.png(index, ".diff"), &score)?);
+    s.push_str(&figure("baseline", pngs.png(index, ".baseline"), "", &format!("b{index}"))?);
+    s.push_str(&figure("current", pngs.png(index, ""), &clip, &format!("c{index}"))?);
+    s.push_str(&figure("diff", pngs.png(index, ".diff"), &score, &format!("d{index}"))?);
     if e.control.is_some() {
-        s.push_str(&figure("no LoRA", pngs.png(index, ".control"), "")?);
+        s.push_str(&figure("no LoRA", pngs.png(index, ".control"), "", &format!("n{index}"))?);
     }
     let _ = write!(s, "</div><div>{}</div></div>", esc(&e.caption));
     Ok(s)
@@ -152,7 +163,7 @@ pub fn to_html(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
             body.push_str("</div></section>");
         }
     }
-    let worst = worst_prompts(o, pngs)?;
+    let worst = format!("{}{}{}", worst_slices(o), contact_sheets(o), worst_prompts(o, pngs)?);
     let verdict = crate::report::markdown::verdict(o);
     let mut html = String::new();
     let _ = write!(
@@ -226,6 +237,117 @@ fn worst_prompts(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
     }
     s.push_str("</div>");
     Ok(s)
+}
+
+/// The slices the run compared, failing first: the failure-point finder over a prompt set.
+fn worst_slices(o: &SuiteOutcome) -> String {
+    if o.slices.is_empty() {
+        return String::new();
+    }
+    let failing = o.slices.iter().filter(|r| r.failed).count();
+    let mut s = format!(
+        "<h2 class=\"group\">Worst slices ({failing} failing of {} tested)</h2><table class=\"slices\"><tr><th></th><th>scope</th><th>slice</th><th>metric</th><th>prompts × seeds</th><th>slice</th><th>rest</th><th>accepted</th><th>lost beyond the rest</th><th>p</th></tr>",
+        o.slices.len()
+    );
+    for r in o.slices.iter().take(12) {
+        let seeds = if r.prompts > 0 { r.seeds / r.prompts } else { 0 };
+        let accepted = r.accepted.map(|a| format!("{a:.3}")).unwrap_or_else(|| "–".into());
+        let (class, word) = if r.failed { ("fail", "failed") } else { ("pass", "") };
+        let _ = write!(
+            s,
+            "<tr><td class=\"{class}\">{word}</td><td>{}</td><td>{}</td><td>{}</td><td>{} × {seeds}</td><td>{:.3}</td><td>{:.3}</td><td>{accepted}</td><td>{:+.3}</td><td>{:.4}</td></tr>",
+            esc(&r.scope),
+            esc(&r.slice),
+            esc(&r.metric),
+            r.prompts,
+            r.value,
+            r.rest,
+            r.gap,
+            r.p
+        );
+    }
+    s.push_str("</table>");
+    s
+}
+
+/// One contact-sheet cell: the accepted and the current image of a prompt's first seed, side by
+/// side (shown again from the case sections below, not copied).
+struct Cell<'a> {
+    evidence: usize,
+    e: &'a Evidence,
+    failing: bool,
+}
+
+fn cells_html(cells: &[Cell]) -> String {
+    let mut s = String::from("<div class=\"cells\">");
+    for c in cells {
+        let changed = c.e.baseline_score.is_some_and(|b| b < 0.999) || c.e.baseline.is_none();
+        let class = if c.failing { "cell fail" } else if changed { "cell changed" } else { "cell" };
+        let title = format!("{} · {} · seed {}: {}", c.e.case, c.e.variant, c.e.seed, c.e.prompt);
+        let _ = write!(
+            s,
+            "<figure class=\"{class}\" title=\"{}\"><img data-from=\"b{i}\" alt=\"accepted\"><img data-from=\"c{i}\" alt=\"current\"><figcaption>{}</figcaption></figure>",
+            esc(&title),
+            esc(&c.e.variant),
+            i = c.evidence
+        );
+    }
+    s.push_str("</div>");
+    s
+}
+
+/// Contact sheets: for every failing slice and the closest others, then for every case of four
+/// or more prompts, one grid of accepted and current thumbnails (first seed), failing and changed
+/// ones first. A character lost on one background shows as one row of wrong pictures.
+fn contact_sheets(o: &SuiteOutcome) -> String {
+    let first_seed = |case: &str, variant: &str| o.evidence.iter().enumerate().filter(|(_, e)| e.case == case && e.variant == variant).min_by_key(|(_, e)| e.seed);
+    let in_failing_slice = |case: &str, variant: &str| -> bool {
+        let Some(p) = o.prompt_scores.iter().find(|p| p.case == case && p.variant == variant) else { return false };
+        o.slices.iter().any(|r| r.failed && (r.scope == case || r.scope == "all-cases") && p.slices.contains(&r.slice))
+    };
+    let order = |cells: &mut Vec<Cell>| cells.sort_by(|a, b| b.failing.cmp(&a.failing).then(a.e.baseline_score.unwrap_or(0.0).total_cmp(&b.e.baseline_score.unwrap_or(0.0))));
+    let mut s = String::new();
+    let mut shown: Vec<&crate::harness::run_verdicts::SliceRow> = o.slices.iter().filter(|r| r.failed).collect();
+    shown.extend(o.slices.iter().filter(|r| !r.failed).take(3));
+    let mut seen = std::collections::BTreeSet::new();
+    for r in shown {
+        if !seen.insert((r.scope.clone(), r.slice.clone())) {
+            continue;
+        }
+        let mut cells: Vec<Cell> = o
+            .prompt_scores
+            .iter()
+            .filter(|p| (r.scope == "all-cases" || p.case == r.scope) && p.slices.contains(&r.slice))
+            .filter_map(|p| first_seed(&p.case, &p.variant).map(|(i, e)| Cell { evidence: i, e, failing: r.failed }))
+            .collect();
+        if cells.is_empty() {
+            continue;
+        }
+        order(&mut cells);
+        let verdict = if r.failed { "<span class=\"fail\">failed</span>" } else { "closest to failing" };
+        let _ = write!(s, "<div class=\"sheet\"><h3>{} · slice {} — {verdict}: {}</h3>{}</div>", esc(&r.scope), esc(&r.slice), esc(&r.describe()), cells_html(&cells));
+    }
+    let mut cases: Vec<&str> = Vec::new();
+    for p in &o.prompt_scores {
+        if !cases.contains(&p.case.as_str()) {
+            cases.push(&p.case);
+        }
+    }
+    for case in cases {
+        let variants: Vec<&str> = o.prompt_scores.iter().filter(|p| p.case == case).map(|p| p.variant.as_str()).collect();
+        if variants.len() < 4 {
+            continue;
+        }
+        let mut cells: Vec<Cell> = variants.iter().filter_map(|v| first_seed(case, v).map(|(i, e)| Cell { evidence: i, e, failing: in_failing_slice(case, v) })).collect();
+        order(&mut cells);
+        let _ = write!(s, "<div class=\"sheet\"><h3><a href=\"#case-{}\">{}</a> · {} prompts, accepted | current</h3>{}</div>", esc(case), esc(case), variants.len(), cells_html(&cells));
+    }
+    if s.is_empty() {
+        return s;
+    }
+    format!(
+        "<h2 class=\"group\">Contact sheets</h2><p class=\"prompt\">Each cell: the accepted image (left) and the current one (right) of a prompt, first seed. Red: in a failing slice; amber: changed since acceptance.</p>{s}"
+    )
 }
 
 fn status_word(s: Status) -> &'static str {

@@ -74,6 +74,29 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
         }
         let _ = writeln!(s);
     }
+    if !o.slices.is_empty() {
+        let failing = o.slices.iter().filter(|r| r.failed).count();
+        let _ = writeln!(s, "### Worst slices ({failing} failing of {} tested; {} statistical tests shared a 5 % false-alarm budget)\n", o.slices.len(), o.statistical_tests);
+        let _ = writeln!(s, "| | scope | slice | metric | prompts × seeds | slice | rest | accepted | lost beyond the rest | p |\n|---|---|---|---|---|---|---|---|---|---|");
+        for r in o.slices.iter().take(10) {
+            let seeds = if r.prompts > 0 { r.seeds / r.prompts } else { 0 };
+            let accepted = r.accepted.map(|a| format!("{a:.3}")).unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                s,
+                "| {} | {} | `{}` | {} | {} × {seeds} | {:.3} | {:.3} | {accepted} | {:+.3} | {:.4} |",
+                if r.failed { icon(Status::Failed) } else { icon(Status::Passed) },
+                escape(&r.scope),
+                escape(&r.slice),
+                r.metric,
+                r.prompts,
+                r.value,
+                r.rest,
+                r.gap,
+                r.p
+            );
+        }
+        let _ = writeln!(s);
+    }
     let rest = of(|st| matches!(st, Status::Passed | Status::Skipped));
     let _ = writeln!(s, "<details><summary>Passed ({})</summary>\n", rest.len());
     let _ = writeln!(s, "| | case | check | result | scored by |\n|---|---|---|---|---|");

@@ -130,6 +130,9 @@ pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
         }
         all.results.extend(p.results);
         all.evidence.extend(p.evidence);
+        all.prompt_scores.extend(p.prompt_scores);
+        all.slices.extend(p.slices);
+        all.statistical_tests += p.statistical_tests;
         all.stacks.extend(p.stacks);
         all.images_total += p.images_total;
         all.generated += p.generated;
@@ -150,6 +153,7 @@ pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
         all.notes.extend(p.notes.into_iter().filter(|n| !n.starts_with("no checks to run")));
     }
     all.notes.retain(|n| !n.starts_with("no checks to run"));
+    all.slices.sort_by(|a, b| b.failed.cmp(&a.failed).then(a.p.total_cmp(&b.p)));
     all.stale.sort();
     all.stale.dedup();
     Ok(all)
