@@ -163,3 +163,46 @@ fn actionlint_catches_what_it_should() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn lora_gate() -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".github/workflows/lora-gate.yml");
+    serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn runs(job: &Value) -> String {
+    job["steps"].as_array().unwrap().iter().filter_map(|s| s["run"].as_str()).collect::<Vec<_>>().join("\n")
+}
+
+/// Two required checks, as Chromatic and Percy gate a merge: `loragate gate` (red on a
+/// regression) and `loragate review` (red while anything waits to be accepted). Accepting
+/// commits the baselines and starts the gate again, whose review then has nothing left.
+#[test]
+fn the_review_check_gates_the_merge_until_the_changes_are_accepted() {
+    let doc = lora_gate();
+    let jobs = doc["jobs"].as_object().unwrap();
+    let by_name = |name: &str| jobs.values().find(|j| j["name"] == name).unwrap_or_else(|| panic!("no job named {name}"));
+    let gate = by_name("loragate gate");
+    assert!(runs(gate).contains("exit 1"), "the gate check fails on a regression");
+    let review = by_name("loragate review");
+    let needs: Vec<&str> = review["needs"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
+    assert!(needs.contains(&"report"), "review reads the merged reports: {needs:?}");
+    let downloads: Vec<&str> = review["steps"].as_array().unwrap().iter().filter_map(|s| s["with"]["name"].as_str()).collect();
+    assert!(downloads.contains(&"loragate-report") && downloads.contains(&"loragate-cpu-binary"), "{downloads:?}");
+    assert!(runs(review).contains("loragate review merged"), "{}", runs(review));
+    assert!(review["if"].as_str().unwrap().contains("always()"), "review runs whatever the gate found");
+    // The merged reports the review reads are the ones the report job uploads.
+    let report = &jobs["report"];
+    assert!(report["steps"].as_array().unwrap().iter().any(|s| s["with"]["name"] == "loragate-report"));
+    // No path filter: a required check of a skipped workflow would stay pending forever.
+    // YAML 1.1 readers take `on` for `true`.
+    let on = doc.get("on").or_else(|| doc.get("true")).expect("triggers");
+    assert!(on["pull_request"].is_object() && on["pull_request"].get("paths").is_none(), "pull_request must not filter paths");
+    // Accepting reruns the gate on the new commit (a push with the workflow's token starts none).
+    let accept = &jobs["accept-baselines"];
+    assert!(runs(accept).contains("gh workflow run lora-gate.yml --ref \"$HEAD_REF\""), "{}", runs(accept));
+    assert_eq!(accept["permissions"]["actions"], "write");
+    assert!(on["workflow_dispatch"]["inputs"].get("suites").is_some());
+    // The README tells people to require both checks.
+    let readme = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(readme.contains("`loragate gate`") && readme.contains("`loragate review`") && readme.contains("branch protection"), "README must say to require both checks");
+}
