@@ -95,9 +95,14 @@ pub struct SliceRow {
 }
 
 impl SliceRow {
+    /// Seeds behind each prompt's mean.
+    pub fn seeds_per_prompt(&self) -> usize {
+        self.seeds.checked_div(self.prompts).unwrap_or(0)
+    }
+
     /// "bg=grass: likeness 0.268 against 0.732 on the other 50 prompts (10 prompts × 2 seeds; accepted 0.813; lost +0.527 more than the rest, p 0.0000)".
     pub fn describe(&self) -> String {
-        let seeds = if self.prompts > 0 { self.seeds / self.prompts } else { 0 };
+        let seeds = self.seeds_per_prompt();
         let (accepted, what) = match self.accepted {
             Some(a) => (format!("; accepted {a:.3}"), format!("lost {:+.3} more than the rest", self.gap)),
             None => (String::new(), format!("{:+.3} behind the rest against the no-LoRA control", self.gap)),
@@ -386,7 +391,7 @@ pub fn judge(cases: &[CaseInput], suite_tolerances: &Tolerances) -> RunVerdicts 
         // across cases that holds some of its prompts.
         let likeness = c.numbers.variants.iter().flat_map(|v| &v.seeds).filter(|s| s.likeness.is_some()).count();
         if likeness > 0 {
-            let mine = |r: &SliceRow| c.numbers.variants.iter().any(|v| v.slices.iter().any(|s| *s == r.slice));
+            let mine = |r: &SliceRow| c.numbers.variants.iter().any(|v| v.slices.contains(&r.slice));
             let mut lost: Vec<&SliceRow> = slice_tests
                 .iter()
                 .filter(|(r, i)| rejected[*i] && r.metric == "likeness" && (r.scope == c.name || (r.scope == "all-cases" && mine(r))))

@@ -197,7 +197,9 @@ pub fn embed_accepted<K: Clone + Eq + std::hash::Hash>(
         None => scorers.text.embedding_space()?,
     };
     let mut out = HashMap::new();
-    let mut todo: HashMap<(u32, u32), Vec<(K, String, RgbImage)>> = HashMap::new();
+    // By size (each scorer resizes to its own input): the key, the cache key, the image.
+    type Todo<K> = Vec<(K, String, RgbImage)>;
+    let mut todo: HashMap<(u32, u32), Todo<K>> = HashMap::new();
     for (k, path) in files {
         let img = match read_image(path) {
             Ok(i) => i,

@@ -250,7 +250,7 @@ fn worst_slices(o: &SuiteOutcome) -> String {
         o.slices.len()
     );
     for r in o.slices.iter().take(12) {
-        let seeds = if r.prompts > 0 { r.seeds / r.prompts } else { 0 };
+        let seeds = r.seeds_per_prompt();
         let accepted = r.accepted.map(|a| format!("{a:.3}")).unwrap_or_else(|| "–".into());
         let (class, word) = if r.failed { ("fail", "failed") } else { ("pass", "") };
         let _ = write!(

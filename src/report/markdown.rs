@@ -79,7 +79,7 @@ pub fn to_markdown(o: &SuiteOutcome) -> String {
         let _ = writeln!(s, "### Worst slices ({failing} failing of {} tested; {} statistical tests shared a 5 % false-alarm budget)\n", o.slices.len(), o.statistical_tests);
         let _ = writeln!(s, "| | scope | slice | metric | prompts × seeds | slice | rest | accepted | lost beyond the rest | p |\n|---|---|---|---|---|---|---|---|---|---|");
         for r in o.slices.iter().take(10) {
-            let seeds = if r.prompts > 0 { r.seeds / r.prompts } else { 0 };
+            let seeds = r.seeds_per_prompt();
             let accepted = r.accepted.map(|a| format!("{a:.3}")).unwrap_or_else(|| "–".into());
             let _ = writeln!(
                 s,
