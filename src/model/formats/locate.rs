@@ -1,8 +1,10 @@
 //! Turning what a user writes after `--model` into files on disk, offline.
 //!
-//! - Built-in names resolve to the embedded shapes-world models in `assets/tinyworld/`, found by
-//!   walking up from the working directory (so any folder inside the repository works), then
-//!   `$LORAGATE_ASSETS`, then the source tree the binary was built from.
+//! - Built-in names resolve to the demo shapes-world models in `assets/tinyworld/` of a loragate
+//!   checkout: `$LORAGATE_ASSETS` when it is set (and then only there), else the first
+//!   `assets/` found walking up from the working directory (any folder inside the repository),
+//!   else the source tree the binary was built from. An installed binary needs none of this for
+//!   models of its own: the one asset it always needs, CLIP's merge list, is compiled in.
 //! - A folder is a diffusers pipeline folder.
 //! - A `.safetensors` file is a single-file checkpoint (A1111/ComfyUI), converted in memory.
 //! - `org/name` (optionally `@revision`) is looked up in the Hugging Face cache
@@ -78,10 +80,17 @@ pub fn resolve_model_with_config(arg: &str, config: Option<&str>) -> Result<Mode
     Ok(loc)
 }
 
+/// What an installed user is told when the demo models are not where they look.
+const DEMO_MODELS_HINT: &str = "the demo models (tiny, tiny-sticker, tiny-clip) live in the assets/ folder of the loragate repository: \
+     clone it and set LORAGATE_ASSETS to that folder (or run inside the checkout); your own models need none of it: \
+     a diffusers folder, a single file with --config, or a cached hub id";
+
 /// Finds the `assets/` folder of the repository.
 pub fn assets_root() -> Result<PathBuf> {
     let ok = |p: &Path| p.join("tinyworld").join("tiny-sd").is_dir();
-    if let Ok(p) = std::env::var("LORAGATE_ASSETS") {
+    if let Ok(p) = std::env::var("LORAGATE_ASSETS")
+        && !p.is_empty()
+    {
         let p = PathBuf::from(p);
         // Accept both `assets/` and `assets/tinyworld/`.
         if ok(&p) {
@@ -90,6 +99,8 @@ pub fn assets_root() -> Result<PathBuf> {
         if let Some(parent) = p.parent().filter(|parent| ok(parent)) {
             return Ok(parent.to_path_buf());
         }
+        // Set but wrong: say so rather than quietly take the models from somewhere else.
+        return Err(Error::model(&p, format!("LORAGATE_ASSETS has no tinyworld/tiny-sd; {DEMO_MODELS_HINT}")));
     }
     if let Ok(cwd) = std::env::current_dir() {
         for dir in cwd.ancestors() {
@@ -103,21 +114,12 @@ pub fn assets_root() -> Result<PathBuf> {
     if ok(&built) {
         return Ok(built);
     }
-    Err(Error::model(
-        "assets/tinyworld",
-        "the embedded models were not found: run inside the loragate repository, or set LORAGATE_ASSETS \
-         to its assets folder",
-    ))
+    Err(Error::model("assets/tinyworld", format!("not found; {DEMO_MODELS_HINT}")))
 }
 
 /// Finds `assets/tinyworld`.
 pub fn assets_dir() -> Result<PathBuf> {
     Ok(assets_root()?.join("tinyworld"))
-}
-
-/// OpenAI CLIP's BPE merge list, the tokenizer of single-file SD checkpoints.
-pub fn clip_vocab_path() -> Result<PathBuf> {
-    Ok(assets_root()?.join("clip").join("bpe_simple_vocab_16e6.txt.gz"))
 }
 
 /// The Hugging Face hub cache folder, as huggingface_hub finds it.

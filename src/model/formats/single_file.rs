@@ -422,7 +422,7 @@ fn folder_text_files(folder: &Path) -> Result<BTreeMap<String, String>> {
 
 fn configs_for(path: &Path, shapes: &Shapes, meta: &BTreeMap<String, String>, family: Family, config: Option<&Path>) -> Result<Configs> {
     use crate::model::loading::read_config;
-    let clip = || Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path()?);
+    let clip = Tokenizer::openai_clip;
     let clip2 = || -> Result<Tokenizer> {
         let mut t = clip()?;
         t.pad = 0; // SDXL's second tokenizer pads with "!" (id 0)
@@ -518,7 +518,7 @@ fn configs_for(path: &Path, shapes: &Shapes, meta: &BTreeMap<String, String>, fa
     let (unet, vae, text, second, schedule) = match family {
         Family::Sd1 => (UNetConfig::sd15(), VaeConfig::sd(), TextConfig::sd15(), None, ScheduleConfig::default()),
         // SD 2.x files do not say whether they are the 768-v or the 512 epsilon model; the
-        // 768-v model is the common one (see README, "Models").
+        // 768-v model is the common one (see docs/models.md).
         Family::Sd2 => (UNetConfig::sd2(), VaeConfig::sd(), sd2_text(), None, ScheduleConfig { prediction_type: "v_prediction".into(), ..ScheduleConfig::default() }),
         Family::Sdxl => (UNetConfig::sdxl(), VaeConfig::sdxl(), TextConfig::sd15(), Some(xl_second()), ScheduleConfig::default()),
         Family::Other { text_width } => {
@@ -642,7 +642,7 @@ pub fn convert(path: &Path, dtype: DType, device: &Device, config: Option<&Path>
         let tok2 = match cfg.tokenizer_2.clone() {
             Some(t) => t,
             None => {
-                let mut t = Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path()?)?;
+                let mut t = Tokenizer::openai_clip()?;
                 t.pad = 0;
                 t
             }

@@ -30,6 +30,10 @@ pub struct Encoded {
     pub unknown: Vec<char>,
 }
 
+/// OpenAI CLIP's BPE merge list (MIT), compiled in: `assets/clip/bpe_simple_vocab_16e6.txt.gz`.
+const OPENAI_CLIP_MERGES: &[u8] = include_bytes!("../../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+const OPENAI_CLIP_MERGES_NAME: &str = "bpe_simple_vocab_16e6.txt.gz (built in)";
+
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     vocab: HashMap<String, u32>,
@@ -130,14 +134,29 @@ impl Tokenizer {
         Self::build(vocab_path, vocab, merges, true, CLIP_PATTERN)
     }
 
-    /// OpenAI CLIP's tokenizer from its gzipped merge list (`bpe_simple_vocab_16e6.txt.gz`):
-    /// the vocabulary is the 256 byte symbols, the same with `</w>`, the first 48,894 merges,
-    /// then the start and end tokens (49,408 ids, as CLIP builds it).
+    /// OpenAI CLIP's tokenizer, the one single-file checkpoints (which carry none) are read
+    /// with: built from the merge list compiled into the binary, so an installed loragate needs
+    /// no assets folder for it. Built once per process.
+    pub fn openai_clip() -> Result<Self> {
+        static BUILT: std::sync::OnceLock<std::result::Result<Tokenizer, String>> = std::sync::OnceLock::new();
+        BUILT
+            .get_or_init(|| Self::from_clip_bpe_gz_bytes(Path::new(OPENAI_CLIP_MERGES_NAME), OPENAI_CLIP_MERGES).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(|e| Error::model(OPENAI_CLIP_MERGES_NAME, e))
+    }
+
+    /// OpenAI CLIP's tokenizer from a gzipped merge list file (`bpe_simple_vocab_16e6.txt.gz`).
     pub fn from_clip_bpe_gz(path: &Path) -> Result<Self> {
-        use std::io::Read;
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_clip_bpe_gz_bytes(path, &bytes)
+    }
+
+    /// The vocabulary is the 256 byte symbols, the same with `</w>`, the first 48,894 merges,
+    /// then the start and end tokens (49,408 ids, as CLIP builds it).
+    fn from_clip_bpe_gz_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        use std::io::Read;
         let mut text = String::new();
-        flate2::read::GzDecoder::new(&bytes[..])
+        flate2::read::GzDecoder::new(bytes)
             .read_to_string(&mut text)
             .map_err(|e| Error::model(path, format!("not a gzipped merge list: {e}")))?;
         const MERGES: usize = 49152 - 256 - 2;
@@ -284,7 +303,7 @@ mod tests {
     use super::*;
 
     fn clip() -> Tokenizer {
-        Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path().unwrap()).unwrap()
+        Tokenizer::openai_clip().unwrap()
     }
 
     #[test]

@@ -64,7 +64,7 @@ impl ClipModel {
     pub fn with_random_weights(config_json: &str, seed: u64, device: &Device) -> Result<Self> {
         let cfg: ClipConfig = serde_json::from_str(config_json).map_err(|e| Error::invalid(format!("CLIP config: {e}")))?;
         let store = WeightStore::random(seed, DType::F32, device);
-        let tokenizer = Tokenizer::from_clip_bpe_gz(&crate::model::locate::clip_vocab_path()?)?;
+        let tokenizer = Tokenizer::openai_clip()?;
         Self::build(Path::new("<random>"), &cfg, &store, tokenizer, Vec::new(), device)
     }
 
