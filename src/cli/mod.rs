@@ -4,6 +4,7 @@ mod baseline;
 mod bench;
 mod convert;
 mod generate;
+mod init;
 mod inspect;
 mod junit;
 mod review;
@@ -30,6 +31,9 @@ pub struct Cli {
 enum Command {
     /// Generate images from a prompt, optionally with LoRAs.
     Generate(generate::GenerateArgs),
+    /// Gate the LoRAs of a repository: a starter suite per LoRA file (from its metadata) and a
+    /// workflow that uses the loragate action.
+    Init(init::InitArgs),
     /// Describe a LoRA file: format, rank, alpha, targets, probable base family, metadata.
     Inspect(inspect::InspectArgs),
     /// Run a prompt suite: generate, score, check, compare with baselines, report.
@@ -69,6 +73,7 @@ pub fn run() -> Result<ExitCode> {
     crate::device::prepare_process(workload);
     match cli.command {
         Command::Generate(a) => generate::run(a),
+        Command::Init(a) => init::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Suite(a) => suite::run(a),
         Command::Baseline(a) => baseline::run(a),

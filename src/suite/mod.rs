@@ -7,6 +7,7 @@
 pub mod expand;
 pub mod prompts;
 pub mod raw;
+pub mod starter;
 pub mod validate;
 
 use std::path::{Path, PathBuf};
