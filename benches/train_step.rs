@@ -1,5 +1,5 @@
 //! One LoRA training step on the embedded tiny-sd (rank 8, attention targets, batch 4, 128 px,
-//! f32 CPU, AdamW): the work of the side-by-side figure against diffusers + PEFT (README,
+//! f32 CPU, AdamW): the work of the side-by-side figure against diffusers + PEFT (docs/performance.md,
 //! "Performance"). Setup and warm-up are outside the timed loop.
 
 use criterion::{Criterion, criterion_group, criterion_main};

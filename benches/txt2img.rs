@@ -1,5 +1,5 @@
 //! txt2img on the embedded tiny-sd: 128×128, 20 DDIM steps, guidance 5, batch 1, 4 and 8 — the
-//! same work as the PyTorch + diffusers peer figure (README, "Performance"). Model loading is
+//! same work as the PyTorch + diffusers peer figure (docs/performance.md). Model loading is
 //! outside the timed loop, as in the peer measurement.
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -2,7 +2,7 @@
 # Side by side, in one run on one machine: LoRA training steps per second of loragate and of
 # diffusers + PEFT (tiny-sd, rank 8, attention targets, batch 4, 128 px, fp32 CPU, AdamW).
 # Needs a Python with torch, diffusers, transformers, tokenizers, safetensors and peft: set
-# PYTHON (default python3). Prints a Markdown table for the README.
+# PYTHON (default python3). Prints a Markdown table for docs/performance.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,7 +12,7 @@ cargo build --release --example train_speed >/dev/null 2>&1
 # RUNS alternating runs of each (a shared machine's load drifts); medians of steps per second.
 ours=() peer=()
 for _ in $(seq "$RUNS"); do
-  # The CLI's default: one element-wise thread (see the README's trainer section).
+  # The CLI's default: one element-wise thread (see docs/performance.md).
   ours+=("$(CANDLE_NUM_THREADS=${CANDLE_NUM_THREADS:-1} ./target/release/examples/train_speed "$STEPS" | tail -1)")
   peer+=("$("$PYTHON" benches/peer/peft_train_step.py assets/tinyworld "$STEPS" 2>/dev/null | tail -1)")
 done

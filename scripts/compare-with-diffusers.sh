@@ -2,7 +2,7 @@
 # Side by side, in one run on one machine: loragate and PyTorch + diffusers doing the same
 # txt2img work (tiny-sd, 128x128, 20 DDIM steps, guidance 5, batch 1, 4 and 8, fp32 CPU).
 # Needs a Python with torch, diffusers, transformers, tokenizers and safetensors: set PYTHON
-# (default python3). Prints a Markdown table for the README.
+# (default python3). Prints a Markdown table for docs/performance.md.
 #
 # FULL_SIZE=1 adds SD 1.5's architecture with random weights (its published configs, written by
 # diffusers; speed does not depend on weight values) at 512x512 in fp32 on the CPU: one guided

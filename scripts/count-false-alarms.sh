@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How far the gate can be trusted, counted: the committed suites run against clean retrains of
 # the committed recipe (other seeds: every failing check is a false alarm) and against LoRAs
-# broken on purpose (a run that passes is a miss). docs/verdicts.md quotes the table.
+# broken on purpose (a run that passes is a miss). docs/statistics.md quotes the table.
 #
 #   scripts/count-false-alarms.sh                 # every suite, every fixture LoRA
 #   SUITES="hundred" scripts/count-false-alarms.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared run on a GPU machine that has no Rust toolchain and no network
 # (CUDA 13.0 under /usr/local/cuda, cuDNN 9, Python 3.12 with PyTorch, no diffusers). Prints
-# one JSON document and exits non-zero on any mismatch. See README, "GPU".
+# one JSON document and exits non-zero on any mismatch. See docs/gpu.md.
 #
 #   scripts/gpu-check.sh pack DIR          # here: the CUDA binary (stripped, xz) and the peer's
 #                                          # Python packages into DIR (about 10 MiB)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Peak resident memory (GNU time's "Maximum resident set size") of the portrait suite, cold (in
 # an empty cache) and unchanged, and of a short training run of the committed zorb recipe.
-# The README's performance section quotes these; rerun after changes that could grow them.
+# docs/performance.md quotes these; rerun after changes that could grow them.
 #
 #   scripts/peak-memory.sh            # builds the release binary first
 set -euo pipefail

@@ -93,7 +93,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::invalid(format!(
                     "device `{s}` asked for, but this loragate was built without CUDA \
-                     (rebuild with `--features cuda`, see README \"GPU\")"
+                     (rebuild with `--features cuda`, see docs/gpu.md)"
                 )));
             }
             // candle's CUDA errors carry a backtrace in their text: the first line is the news.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Documented process exit codes (see README, "Exit codes").
+/// Documented process exit codes (see docs/checks-and-verdicts.md, "Reports and exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     /// Everything ran and every check passed.

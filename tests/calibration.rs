@@ -11,7 +11,7 @@
 //! - The local-damage example: 3 of 13 cases down 0.15 on both of two seeds (the pooled mean
 //!   moves by less than the tolerance) fails `regression`.
 //!
-//! The noise levels are stated beside each test. docs/verdicts.md gives power at other levels,
+//! The noise levels are stated beside each test. docs/statistics.md gives power at other levels,
 //! and the shapes world's tiny-clip is noisier than the levels tested here (0.086 per pair).
 
 use std::collections::BTreeMap;
@@ -254,7 +254,7 @@ fn heavy_tailed_retrain_shifts_stay_under_5_percent_false_alarms() {
 
 /// A drop of 0.1 on three of the thirteen cases (drawn anew each run), 4 seeds, at a seed
 /// spread of 0.03: the spread of a CLIP whose cosines live in a narrow band, as ViT-L/14's do
-/// around 0.2–0.35. docs/verdicts.md lists the power at tiny-clip's wider spread.
+/// around 0.2–0.35. docs/statistics.md lists the power at tiny-clip's wider spread.
 #[test]
 fn a_drop_of_a_tenth_on_three_of_thirteen_cases_fails_regression_in_90_percent() {
     let mut rng = Rng::new(3);
@@ -319,7 +319,7 @@ fn the_local_damage_example_fails_regression() {
 }
 
 /// The power of `regression` against 0.1 on 3 of 13 cases at other seed spreads and seed
-/// counts, for docs/verdicts.md (a measurement, not a check):
+/// counts, for docs/statistics.md (a measurement, not a check):
 /// `cargo test --release --test calibration -- --ignored --nocapture`.
 #[test]
 #[ignore]

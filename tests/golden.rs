@@ -16,7 +16,7 @@ use loragate::model::scheduler::SamplerKind;
 use loragate::score::pixels::{max_abs_diff, mean_abs_diff};
 
 /// xoshiro256** seeded through SplitMix64 and Box–Muller normals, the values computed by an
-/// independent Python implementation of the published algorithms (README, "Seeds").
+/// independent Python implementation of the published algorithms (docs/suites.md, "Seeds").
 #[test]
 fn the_rng_gives_the_documented_sequence() {
     let mut r = Rng::new(0);

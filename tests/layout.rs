@@ -1,4 +1,4 @@
-//! The architecture the README describes, checked on the source: the model layer's four
+//! The architecture docs/models.md describes ("Layout"), checked on the source: the model layer's four
 //! folders use only the folders above them (ops → arch → formats → runtime), and the harness,
 //! scoring, baselines, reports and suites never compute on tensors (no candle imports; they pass
 //! `crate::device` handles and plain vectors).

@@ -13,7 +13,7 @@ use loragate::world::{Concept, DatasetSpec, RenderOptions};
 /// the dataset. `steps` bounds the learning-rate schedule: at least the steps `f` will take.
 pub fn with_trainer<R>(steps: usize, f: impl FnOnce(&mut Trainer<'_>) -> R) -> R {
     // As the `loragate` binary does first thing; `loragate train` also keeps candle's
-    // element-wise ops on one thread unless told otherwise (README, "Performance").
+    // element-wise ops on one thread unless told otherwise (docs/performance.md).
     loragate::device::prepare_process(loragate::device::Workload::Training);
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: set before any other thread of this process reads the environment.

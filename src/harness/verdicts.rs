@@ -3,7 +3,7 @@
 //! Every function here is pure: it reads measured numbers ([`super::measure`]) and thresholds,
 //! never images, so every failure path is tested on synthetic numbers below.
 //!
-//! The verdict model (README, "Verdicts"):
+//! The verdict model (docs/checks-and-verdicts.md, "Verdicts"):
 //! - absolute checks (floors, control, effect, leak, per seed) fail when a number is out of
 //!   bounds;
 //! - relative checks (word order, identity, identity groups, diversity) compare the LoRA with

@@ -1,4 +1,4 @@
-//! A suite file as written: the YAML schema (documented in the README and emitted as JSON
+//! A suite file as written: the YAML schema (documented in docs/suites.md and emitted as JSON
 //! Schema by `loragate schema`). Values that need checking after parsing carry their source
 //! location (`Spanned`), so every error points at a line and column.
 
@@ -153,7 +153,7 @@ pub enum Aggregate {
     Min,
 }
 
-/// Pass/fail limits. Every field is optional; see the README for defaults and meanings.
+/// Pass/fail limits. Every field is optional; see docs/suites.md for defaults and meanings.
 #[derive(Debug, Default, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawThresholds {

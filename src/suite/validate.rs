@@ -98,7 +98,7 @@ fn yaml_error(ctx: &Ctx, e: &serde_saphyr::Error) -> Error {
     let hint = if message.contains("unknown field") {
         Some("check the spelling; `loragate schema` prints every field a suite may have".to_string())
     } else if message.contains("missing field") {
-        Some("add the field; the README's \"Suite files\" section shows a complete example".to_string())
+        Some("add the field; docs/suites.md shows a complete example".to_string())
     } else if message.starts_with("invalid") {
         Some("the value has the wrong type for this field; see `loragate schema`".to_string())
     } else {

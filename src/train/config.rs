@@ -330,7 +330,7 @@ impl TrainConfig {
 fn yaml_error(path: &Path, e: &serde_saphyr::Error) -> Error {
     let (line, column, message) = crate::error::yaml_error_parts(e);
     let hint = if message.contains("unknown field") {
-        Some("check the spelling; `loragate train --help` and the README's \"Training\" section list every field".to_string())
+        Some("check the spelling; `loragate train --help` and docs/training.md list every field".to_string())
     } else if message.starts_with("invalid") {
         Some("the value has the wrong type for this field".to_string())
     } else {

@@ -2,7 +2,7 @@
 //!
 //! candle's device RNGs cannot be seeded on the CPU and differ between backends, so all noise is
 //! made here, on the CPU, and then moved to the device. The algorithm is fixed and documented
-//! (README, "Seeds"), and changing it changes every image, so it is covered by a test that pins
+//! (docs/suites.md, "Seeds"), and changing it changes every image, so it is covered by a test that pins
 //! the first values:
 //!
 //! * the generator is xoshiro256** (Blackman & Vigna), its 256-bit state filled from the seed
