@@ -15,10 +15,27 @@ pub enum Workload {
 }
 
 /// What every entry point (the CLI, benchmarks, examples) calls first, before any thread
-/// starts: [`tune_allocator`], then [`pin_thread_counts`].
+/// starts: [`tune_allocator`], for training [`one_candle_thread`], then [`pin_thread_counts`]
+/// (which starts rayon's pool, the process's first threads).
 pub fn prepare_process(workload: Workload) {
     tune_allocator(workload);
+    if workload == Workload::Training {
+        one_candle_thread();
+    }
     pin_thread_counts();
+}
+
+/// Sets `CANDLE_NUM_THREADS=1` unless it is set: candle's pool for element-wise ops
+/// spin-waits for its workers, and when other processes compete for the cores (CI runners,
+/// builds) that waiting costs more than the ops (a training step measured 4× slower on a busy
+/// 2-core machine). Matrix products still use every core. Training takes it (`loragate train`,
+/// the training benchmarks), through [`prepare_process`], before any thread exists.
+fn one_candle_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called from `prepare_process` before `pin_thread_counts` starts rayon's pool,
+        // the process's first threads: no other thread can read the environment now.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
 }
 
 /// Blocks up to this size come from malloc's heap rather than a fresh `mmap` each.
@@ -75,7 +92,8 @@ pub fn pin_thread_counts() {
     }
     let candles = candle_core::utils::get_num_threads();
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: called at the start of `cli::run`, before any thread exists.
+    // SAFETY: called at the start of `cli::run` (through `prepare_process`), before any thread
+    // exists: the pool below is built after this.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", candles.to_string()) };
     let _ = rayon::ThreadPoolBuilder::new().num_threads(logical).build_global();
 }

@@ -73,24 +73,55 @@ fn memo_key(path: &Path) -> String {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()).to_string_lossy().into_owned()
 }
 
+/// Files at least this large are remembered in the memo: smaller ones hash faster than the
+/// memo reads.
+const MEMO_MIN_SIZE: u64 = 16 << 20;
+
+/// How long before its hashing a file must have last changed for its hash to be remembered.
+/// Modification times have a resolution (2 s on FAT, 1 s on some network and older file
+/// systems, a kernel tick on ext4): a file rewritten with the same size within one tick of
+/// its previous change keeps the same size and mtime, so a memo entry taken in that window
+/// could describe the old content. Any change after the file was examined gets an mtime of at
+/// least that moment minus one tick, which is later than an mtime this much older; files
+/// changed more recently are hashed again on every run until they are older (as git treats
+/// "racily clean" index entries).
+const MEMO_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Where [`file_hash_with`] found a hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashSource {
+    /// Remembered in the memo under the file's path, size and modification time.
+    Memo,
+    /// Read from the file.
+    Read,
+}
+
 /// The SHA-256 of a file's whole content, streamed. Memoised by path, size and mtime when
 /// [`use_hash_memo`] was called; a memo that cannot be read or written is only a slower run.
 pub fn file_hash(path: &Path) -> Result<String> {
+    let memo_file = MEMO_FILE.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(file_hash_with(path, memo_file.as_deref())?.0)
+}
+
+/// [`file_hash`] with the memo `memo_file` (none: always read), saying where the hash came
+/// from. Only files of [`MEMO_MIN_SIZE`] or more whose last change is [`MEMO_MIN_AGE`] old
+/// are remembered, and only when they did not change while they were read.
+pub fn file_hash_with(path: &Path, memo_file: Option<&Path>) -> Result<(String, HashSource)> {
     use sha2::Digest;
     use std::io::Read;
+    let now = std::time::SystemTime::now();
     let meta = std::fs::metadata(path).at(path)?;
-    let stamp = |m: &std::fs::Metadata| m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    let modified = |m: &std::fs::Metadata| m.modified().ok();
+    let stamp = |m: &std::fs::Metadata| modified(m).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
     let (size, modified_ns) = (meta.len(), stamp(&meta));
-    let memo_file = MEMO_FILE.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let key = memo_key(path);
-    let mut memo: BTreeMap<String, MemoEntry> =
-        memo_file.as_ref().and_then(|m| std::fs::read_to_string(m).ok()).and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    let mut memo: BTreeMap<String, MemoEntry> = memo_file.and_then(|m| std::fs::read_to_string(m).ok()).and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     if let Some(e) = memo.get(&key)
         && e.size == size
         && e.modified_ns == modified_ns
         && modified_ns != 0
     {
-        return Ok(e.sha256.clone());
+        return Ok((e.sha256.clone(), HashSource::Memo));
     }
     let mut file = std::fs::File::open(path).at(path)?;
     let mut hasher = sha2::Sha256::new();
@@ -103,14 +134,18 @@ pub fn file_hash(path: &Path) -> Result<String> {
         hasher.update(&buf[..n]);
     }
     let sha256 = hex(&hasher.finalize());
-    // Only files worth remembering: small files hash faster than the memo reads.
+    let settled = modified(&meta).and_then(|t| now.duration_since(t).ok()).is_some_and(|age| age >= MEMO_MIN_AGE);
+    let unchanged = || std::fs::metadata(path).is_ok_and(|after| after.len() == size && stamp(&after) == modified_ns);
     if let Some(m) = memo_file
-        && size >= 16 << 20
+        && size >= MEMO_MIN_SIZE
+        && modified_ns != 0
+        && settled
+        && unchanged()
     {
         memo.insert(key, MemoEntry { size, modified_ns, sha256: sha256.clone() });
-        let _ = write_text_atomic(&m, &serde_json::to_string(&memo).expect("serialisable"));
+        let _ = write_text_atomic(m, &serde_json::to_string(&memo).expect("serialisable"));
     }
-    Ok(sha256)
+    Ok((sha256, HashSource::Read))
 }
 
 #[cfg(test)]
@@ -122,26 +157,67 @@ mod tests {
         assert_eq!(content_hash(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
+    /// Sets `f`'s modification time `ago` before now.
+    fn age(f: &Path, ago: std::time::Duration) -> std::time::SystemTime {
+        let t = std::time::SystemTime::now() - ago;
+        std::fs::File::options().write(true).open(f).unwrap().set_modified(t).unwrap();
+        t
+    }
+
     #[test]
-    fn file_hashes_cover_the_whole_file_and_follow_changes() {
+    fn file_hashes_cover_the_whole_file_and_come_from_the_memo_only_when_unchanged() {
         let dir = std::env::temp_dir().join(format!("loragate-hash-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("big.bin");
-        // 17 MiB: remembered in the memo; a change in the middle must change the hash.
+        let (f, memo) = (dir.join("big.bin"), dir.join("memo.json"));
+        let memo = Some(memo.as_path());
+        // 17 MiB, last changed a minute ago: read once, then remembered.
         let mut bytes = vec![7u8; 17 << 20];
         std::fs::write(&f, &bytes).unwrap();
-        use_hash_memo(dir.join("memo.json"));
-        let h1 = file_hash(&f).unwrap();
-        assert_eq!(h1, content_hash(&bytes));
+        age(&f, std::time::Duration::from_secs(60));
+        let (h1, source) = file_hash_with(&f, memo).unwrap();
+        assert_eq!((h1.as_str(), source), (content_hash(&bytes).as_str(), HashSource::Read));
         assert!(dir.join("memo.json").is_file());
-        assert_eq!(file_hash(&f).unwrap(), h1, "from the memo");
+        assert_eq!(file_hash_with(&f, memo).unwrap(), (h1.clone(), HashSource::Memo));
+        // The memo answers by path, size and mtime alone: an entry is trusted, not re-read.
+        let text = std::fs::read_to_string(dir.join("memo.json")).unwrap();
+        std::fs::write(dir.join("memo.json"), text.replace(&h1, &"0".repeat(64))).unwrap();
+        assert_eq!(file_hash_with(&f, memo).unwrap().0, "0".repeat(64));
+        // A change in the middle (same size, new mtime) is read again.
         bytes[9 << 20] = 8;
-        std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&f, &bytes).unwrap();
-        let h2 = file_hash(&f).unwrap();
+        let (h2, source) = file_hash_with(&f, memo).unwrap();
+        assert_eq!((h2.as_str(), source), (content_hash(&bytes).as_str(), HashSource::Read));
         assert_ne!(h1, h2, "a byte in the middle of a large file changes its hash");
-        assert_eq!(h2, content_hash(&bytes));
-        *MEMO_FILE.lock().unwrap() = None;
+        // Small files are always read.
+        std::fs::write(dir.join("small.bin"), b"abc").unwrap();
+        age(&dir.join("small.bin"), std::time::Duration::from_secs(60));
+        for _ in 0..2 {
+            assert_eq!(file_hash_with(&dir.join("small.bin"), memo).unwrap().1, HashSource::Read);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A same-size rewrite within the file system's timestamp resolution keeps size and mtime:
+    /// a file hashed that soon after a change is not remembered, so the rewrite is read.
+    #[test]
+    fn a_same_size_rewrite_within_the_timestamp_resolution_is_hashed_again() {
+        let dir = std::env::temp_dir().join(format!("loragate-hash-racy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (f, memo) = (dir.join("big.bin"), dir.join("memo.json"));
+        let memo = Some(memo.as_path());
+        let mut bytes = vec![1u8; 17 << 20];
+        std::fs::write(&f, &bytes).unwrap();
+        // As a file system with one-second timestamps would record a change this second.
+        let stamp = age(&f, std::time::Duration::from_millis(500));
+        assert_eq!(file_hash_with(&f, memo).unwrap(), (content_hash(&bytes), HashSource::Read));
+        bytes[3] = 2;
+        std::fs::write(&f, &bytes).unwrap();
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(stamp).unwrap();
+        assert_eq!(file_hash_with(&f, memo).unwrap(), (content_hash(&bytes), HashSource::Read), "the rewrite's content, not a remembered hash");
+        // Once the change is old enough, the hash is remembered.
+        age(&f, MEMO_MIN_AGE * 2);
+        assert_eq!(file_hash_with(&f, memo).unwrap().1, HashSource::Read);
+        assert_eq!(file_hash_with(&f, memo).unwrap(), (content_hash(&bytes), HashSource::Memo));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

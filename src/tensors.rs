@@ -29,8 +29,12 @@ impl TensorFile {
     pub fn load(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).at(path)?;
-        // SAFETY: the map is read-only and dropped before this function returns; a file changed
-        // underneath us can at worst produce wrong numbers, which the checks downstream catch.
+        // SAFETY: the map is read-only and dropped before this function returns, and loragate
+        // never changes a file in place: its writes (`tensors::save`, `fsutil::write_atomic`)
+        // rename a new file over the old path, so a map of the old file keeps its bytes. Another
+        // process that changes the file in place while it is mapped is outside what this can
+        // guard: rewritten bytes are read as they are (wrong numbers), and reading a page past
+        // a truncated end raises SIGBUS, which kills the process (no error to report).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.at(path)?;
         Self::from_bytes(path, &mmap, dtype, device)
     }
@@ -216,4 +220,33 @@ pub fn dominant_dtype(path: &Path) -> Result<DType> {
         Some("BF16") => DType::BF16,
         _ => DType::F32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `TensorFile::load`'s map relies on: saving over a file that is mapped leaves the
+    /// map's bytes alone (a new file is renamed over the path), where a write in place would
+    /// change them under the reader or, by truncating, make reading them raise SIGBUS.
+    #[test]
+    fn saving_over_a_mapped_file_leaves_the_map_intact() {
+        let dir = std::env::temp_dir().join(format!("loragate-tensors-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("w.safetensors");
+        let one = |v: f32, n: usize| BTreeMap::from([("w".to_string(), Tensor::full(v, n, &Device::Cpu).unwrap())]);
+        save(&path, &one(1.0, 4096), &BTreeMap::new(), SaveDtype::F32).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: this test is the file's only user, and the point is that `save` below does
+        // not change the mapped file.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        // Shorter and different: an in-place write would truncate the mapped file.
+        save(&path, &one(2.0, 16), &BTreeMap::new(), SaveDtype::F32).unwrap();
+        assert_eq!(&map[..], &before[..], "the mapped bytes are the old file's");
+        let reloaded = TensorFile::load(&path, DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(reloaded.tensors["w"].to_vec1::<f32>().unwrap(), vec![2.0; 16]);
+        drop(map);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -86,3 +86,45 @@ fn pixels_change_only_with_the_generator_version() {
         );
     }
 }
+
+/// Which algorithm a 3×3 convolution takes depends on the 4×4 output tiles of the call
+/// (`conv::takes_winograd`), so on the batch: row groups split a batch over two threads, and a
+/// layer that runs im2col for one image runs Winograd in a larger batch. The same seed must give
+/// the same image on both sides of that switch, and match its golden image.
+#[test]
+fn an_image_is_the_same_on_both_sides_of_the_winograd_switch() {
+    use loragate::model::conv::record_paths;
+    let p = params(SamplerKind::Ddim);
+    let prompt = "zorb, large, on the left, grass background";
+    let prompts = [prompt, "blue square, small, on the left, white background", "red circle, large, in the center, sky background", "zorb, small, on the right, sky background"];
+    let batch: Vec<&str> = (0..8).map(|i| prompts[i % 4]).collect();
+    let seeds: Vec<u64> = (11..19).collect();
+    // Two threads, as on the CI machine: the batch then runs as two row groups. (The pipeline
+    // is made inside the pool: it is not `Sync`.)
+    let two = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let ((alone, one_paths), (together, batch_paths)) = two.install(|| {
+        let pipe = common::tiny();
+        let first = |images: candle_core::Tensor| tensor_to_images(&images).unwrap().remove(0);
+        (
+            record_paths(|| first(pipe.generate(&[prompt], &[11], &p, &mut |_, _| {}).unwrap())),
+            record_paths(|| first(pipe.generate(&batch, &seeds, &p, &mut |_, _| {}).unwrap())),
+        )
+    });
+    // The layers that switched: im2col for the single image's rows, Winograd for the batch's
+    // (rows of each call are recorded, so other tests' convolutions cannot stand in).
+    let shape = |c: &loragate::model::conv::ConvPath| (c.c, c.o, c.k, c.ho, c.wo);
+    let rows_alone = one_paths.iter().filter(|c| c.k == 3 && !c.winograd).map(|c| c.rows).max();
+    let switched: std::collections::BTreeSet<_> = one_paths
+        .iter()
+        .filter(|a| a.k == 3 && !a.winograd && a.rows <= 2)
+        .filter(|a| batch_paths.iter().any(|b| b.winograd && b.rows >= 8 && shape(b) == shape(a)))
+        .map(shape)
+        .collect();
+    assert!(!switched.is_empty(), "no layer crossed the switch (im2col alone at up to {rows_alone:?} rows):\nalone {one_paths:?}\nbatch {batch_paths:?}");
+    eprintln!("layers on im2col alone and on Winograd in the batch (C, O, k, Ho, Wo): {switched:?}");
+    let d = max_abs_diff(&alone, &together).unwrap() * 255.0;
+    assert!(d <= 1.0, "seed 11 alone and in a batch of 8 differ by {d:.1}/255");
+    let want = read_image(&golden("ddim")).unwrap();
+    let (max, mean) = (max_abs_diff(&together, &want).unwrap() * 255.0, mean_abs_diff(&together, &want).unwrap() * 255.0);
+    assert!(max <= 2.0 && mean <= 0.05, "seed 11 in a batch of 8 against its golden image: {max:.1}/255 max, {mean:.3}/255 mean");
+}

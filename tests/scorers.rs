@@ -84,10 +84,35 @@ fn dinov2_small_and_base_layouts_load_and_embed_any_image_size() {
         assert_eq!(rows[0].len(), width);
         let norm: f32 = rows[0].iter().map(|v| v * v).sum();
         assert!((norm - 1.0).abs() < 1e-4);
-        // Batched and one at a time agree (candle issue #3744 hides in batched attention).
-        let b = &rows[1];
-        assert!(rows[0].iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5));
+        // Three sizes in one batch: each is resized and cropped on its own.
+        assert_batched_equals_alone(&format!("DINOv2 width {width}"), images(), |b| model.image_embedding_rows(b).unwrap());
     }
+}
+
+/// A batch of different images embeds each image as it embeds it alone: candle issue #3744
+/// gave batched matrix products with a transposed left operand the first item's values for the
+/// later ones, which two rows of one image cannot reveal.
+fn assert_batched_equals_alone(scorer: &str, images: Vec<image::RgbImage>, embed: impl Fn(&[image::RgbImage]) -> Vec<Vec<f32>>) {
+    let batched = embed(&images);
+    assert_eq!(batched.len(), images.len());
+    for (i, img) in images.iter().enumerate() {
+        let alone = embed(std::slice::from_ref(img)).remove(0);
+        let d = batched[i].iter().zip(&alone).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-5, "{scorer}: image {i} in a batch differs from it alone by {d}");
+        // The images must embed differently, or the comparison above proves nothing.
+        for (j, other) in batched.iter().enumerate().filter(|(j, _)| *j != i) {
+            let apart = batched[i].iter().zip(other).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(apart > 1e-3, "{scorer}: images {i} and {j} embed alike ({apart}): the test needs different embeddings");
+        }
+    }
+}
+
+#[test]
+fn the_clip_scorer_embeds_a_batch_as_each_image_alone() {
+    let scorer = loragate::model::clip::ClipModel::load(&loragate::model::locate::resolve_scorer("tiny-clip").unwrap(), &Device::Cpu).unwrap();
+    // The CLIP scorer takes batches of one size (the harness groups images by size).
+    let same_size = images().iter().map(|i| image::imageops::resize(i, 128, 128, image::imageops::FilterType::Triangle)).collect();
+    assert_batched_equals_alone("tiny-clip", same_size, |b| scorer.image_embedding_rows(b).unwrap());
 }
 
 #[test]

@@ -933,3 +933,106 @@ fn identity_and_aesthetic_scorers_measure_and_are_named_everywhere() {
         assert!(text(&o).contains(&format!("{name}.yaml:")), "{name}: the error names the file and line: {}", text(&o));
     }
 }
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    walk(dir).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect()
+}
+
+/// README "Caching": an unchanged re-run loads no pipeline (counted, not inferred from
+/// "0 generated"); a damaged cached image is a miss that is regenerated and rewritten;
+/// `--no-cache` neither reads the cache (valid entries with other pixels are ignored) nor
+/// writes it (not even the file-hash memo).
+#[test]
+fn the_cache_regenerates_damaged_images_and_no_cache_reads_and_writes_nothing() {
+    use loragate::imageio::{read_image, read_png_text, write_png};
+    let p = Project::new("cache");
+    let suite = p.write("suites/c.yaml", &suite_yaml("c", &zorb(), ""));
+    let s = suite.to_str().unwrap();
+    let images = || ["main-s0.png", "main-s0.control.png"].map(|f| read_image(&p.dir.join("out/c/images/center").join(f)).unwrap());
+    let loaded = || -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p.dir.join("out/c/outcome.json")).unwrap()).unwrap()["pipelines_loaded"].clone() };
+    let first = p.run(&["suite", s]);
+    assert_eq!(code(&first), 0, "{}", text(&first));
+    assert!(text(&first).contains("(2 generated, 0 cached) · pipelines loaded: 1"), "{}", text(&first));
+    let original = images();
+
+    let second = p.run(&["suite", s]);
+    assert!(text(&second).contains("(0 generated, 2 cached) · pipelines loaded: 0"), "{}", text(&second));
+    assert_eq!(loaded(), 0, "outcome.json counts the pipelines loaded");
+
+    let cached = walk(&p.dir.join(".cache/images"));
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    std::fs::write(&cached[0], b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let third = p.run(&["suite", s]);
+    assert!(text(&third).contains("(1 generated, 1 cached) · pipelines loaded: 1"), "{}", text(&third));
+    assert!(read_image(&cached[0]).is_ok(), "the damaged entry is rewritten");
+    assert_eq!(images(), original, "the regenerated image is the one the cache held");
+
+    // Valid entries with inverted pixels: any read of the cache would show in the images.
+    for f in &cached {
+        let mut img = read_image(f).unwrap();
+        img.pixels_mut().for_each(|px| px.0 = px.0.map(|v| 255 - v));
+        write_png(f, &img, &read_png_text(f).unwrap()).unwrap();
+    }
+    let before = snapshot(&p.dir.join(".cache"));
+    let fourth = p.run(&["suite", s, "--no-cache"]);
+    assert!(text(&fourth).contains("(2 generated, 0 cached) · pipelines loaded: 1"), "{}", text(&fourth));
+    assert_eq!(images(), original, "--no-cache generated every image instead of reading the cache");
+    assert!(snapshot(&p.dir.join(".cache")) == before, "--no-cache wrote into the cache folder");
+    // The inverted entries are hits without --no-cache: the run above ignored valid entries.
+    let fifth = p.run(&["suite", s]);
+    assert!(text(&fifth).contains("(0 generated, 2 cached) · pipelines loaded: 0"), "{}", text(&fifth));
+    assert_ne!(images(), original);
+}
+
+/// README "GPU": a device or dtype this build or this CPU cannot run is refused before any
+/// work, with what to do, and exit code 2.
+#[test]
+fn a_device_or_dtype_the_build_cannot_run_exits_2_with_the_documented_message() {
+    let p = Project::new("devices");
+    let suite = p.write("suites/d.yaml", &suite_yaml("d", &zorb(), ""));
+    let s = suite.to_str().unwrap();
+    let refused = |args: &[&str], message: &str| {
+        let o = p.run(args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", text(&o));
+        assert!(text(&o).contains(message), "{args:?} should say {message:?}: {}", text(&o));
+    };
+    if cfg!(feature = "cuda") {
+        // A CUDA build asks the driver instead; what it says depends on the machine.
+        eprintln!("SKIPPED: --device cuda from a CPU-only build (this test binary was built with the cuda feature)");
+    } else {
+        for args in [vec!["suite", s, "--device", "cuda"], vec!["generate", "x", "--device", "cuda:1"]] {
+            refused(&args, "asked for, but this loragate was built without CUDA (rebuild with `--features cuda`, see README \"GPU\")");
+        }
+    }
+    for dtype in ["f16", "bf16"] {
+        refused(&["suite", s, "--dtype", dtype], &format!("{dtype} compute needs a GPU; on the CPU loragate computes in f32"));
+        refused(&["generate", "x", "--dtype", dtype], &format!("{dtype} compute needs a GPU; on the CPU loragate computes in f32"));
+    }
+    refused(&["generate", "x", "--device", "tpu"], "unknown device `tpu` (use cpu, cuda or cuda:N)");
+    assert!(!p.dir.join(".cache").exists() && !p.dir.join("out.png").exists(), "nothing may be generated");
+}
+
+/// `LORAGATE_KERNELS` forces a kernel build; an unknown one (or one the CPU lacks) is refused
+/// before any work with exit 2, never replaced by another build.
+#[test]
+fn a_kernel_build_that_cannot_run_is_refused_with_exit_2() {
+    let p = Project::new("kernels");
+    let o = p.run_env(&["generate", "x", "--steps", "1", "--size", "64x64"], &[("LORAGATE_KERNELS", "sse9")]);
+    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert!(text(&o).contains("LORAGATE_KERNELS=sse9: unknown kernel build (use plain, avx2 or avx512)"), "{}", text(&o));
+    let cpu = loragate::model::kernels::CpuFeatures::detect();
+    match loragate::model::kernels::Build::ALL.into_iter().find(|b| !b.missing_on(&cpu).is_empty()) {
+        Some(lacking) => {
+            let o = p.run_env(&["generate", "x", "--steps", "1", "--size", "64x64"], &[("LORAGATE_KERNELS", lacking.name())]);
+            assert_eq!(code(&o), 2, "{}", text(&o));
+            assert!(text(&o).contains("this CPU lacks"), "{}", text(&o));
+        }
+        None => eprintln!("SKIPPED: refusing a build the CPU lacks (this CPU runs every kernel build)"),
+    }
+    assert!(!p.dir.join("out.png").exists());
+    // The plain build generates.
+    let o = p.run_env(&["generate", "x", "--steps", "1", "--size", "64x64"], &[("LORAGATE_KERNELS", "plain")]);
+    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert!(p.dir.join("out.png").is_file());
+}

@@ -12,13 +12,10 @@ use loragate::world::{Concept, DatasetSpec, RenderOptions};
 /// Sets up a trainer on a fresh dataset (outside any timed loop), runs `f` with it, and removes
 /// the dataset. `steps` bounds the learning-rate schedule: at least the steps `f` will take.
 pub fn with_trainer<R>(steps: usize, f: impl FnOnce(&mut Trainer<'_>) -> R) -> R {
-    // As the `loragate` binary does first thing; `loragate train` also keeps candle's
-    // element-wise ops on one thread unless told otherwise (docs/performance.md).
+    // As `loragate train` does first thing: the allocator tuned for training, candle's
+    // element-wise ops on one thread unless told otherwise (docs/performance.md), then the
+    // thread pools.
     loragate::device::prepare_process(loragate::device::Workload::Training);
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: set before any other thread of this process reads the environment.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
-    }
     let dir = std::env::temp_dir().join(format!("loragate-train-work-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let spec = DatasetSpec { concept: Some(Concept::Zorb), count: 16, seed: 0, p_keep: 0.75, fixed_order: false, mislabel: None };

@@ -71,6 +71,8 @@ pub fn run() -> Result<ExitCode> {
     };
     let workload = if matches!(cli.command, Command::Train(_)) { Workload::Training } else { Workload::Inference };
     crate::device::prepare_process(workload);
+    // A kernel build the CPU lacks (`LORAGATE_KERNELS`) is a usage error before any work.
+    crate::model::kernels::init_from_env()?;
     match cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Init(a) => init::run(a),

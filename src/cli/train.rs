@@ -129,14 +129,8 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<ExitCode> {
-    // candle's pool for element-wise ops spin-waits for its workers; when other processes
-    // compete for the cores (CI runners, builds), that waiting costs more than the ops (a
-    // training step measured 4× slower on a busy 2-core machine). Matrix products still use
-    // every core. An explicit CANDLE_NUM_THREADS wins.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        // SAFETY: nothing else runs yet: no thread has been started and no candle op has run.
-        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
-    }
+    // `cli::run` prepared the process for training: candle's element-wise ops on one thread
+    // unless CANDLE_NUM_THREADS says otherwise (`device::prepare_process`).
     let o = a.overrides();
     let cfg = match &a.config {
         Some(p) => TrainConfig::load(p, &o)?,

@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::fsutil::{content_hash, write_atomic};
 use crate::imageio::{read_image, read_png_text, write_png};
 use crate::lora::ApplyReport;
+use crate::suite::expand::Job;
 
 /// The version of the code that turns inputs into pixels. Bump it whenever a change to the model
 /// code, kernels, sampler or noise changes generated pixels: cached images and baselines made by
@@ -54,7 +55,29 @@ pub struct KeyParts<'a> {
     pub dtype: &'a str,
 }
 
-impl KeyParts<'_> {
+impl<'a> KeyParts<'a> {
+    /// The facts of `job`'s image: `lora_hash(i)` is the file hash of the suite's LoRA `i`,
+    /// `device` the device class (`cpu`, `cuda`), `dtype` the compute label
+    /// ([`crate::device::compute_name`]).
+    pub fn of(job: &'a Job, lora_hash: impl Fn(usize) -> &'a str, model_fingerprint: &'a str, device: &'a str, dtype: &'a str) -> Self {
+        let p = &job.params;
+        KeyParts {
+            model_fingerprint,
+            loras: job.stack.iter().map(|a| (lora_hash(a.lora), a.weight)).collect(),
+            prompt: &job.prompt,
+            negative_prompt: &p.negative_prompt,
+            seed: job.seed,
+            width: p.width,
+            height: p.height,
+            steps: p.steps,
+            guidance: p.guidance,
+            sampler: p.sampler.name(),
+            clip_skip: p.clip_skip,
+            device,
+            dtype,
+        }
+    }
+
     pub fn key(&self) -> String {
         let json = serde_json::to_string(self).expect("serialisable");
         content_hash(format!("{GENERATOR_VERSION}|{json}").as_bytes())
@@ -180,4 +203,63 @@ pub fn default_cache_dir(start: &Path) -> PathBuf {
         return PathBuf::from(d);
     }
     crate::harness::project_root(start).join(".loragate").join("cache")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GenerationParams;
+    use crate::model::scheduler::SamplerKind;
+    use crate::suite::{AdapterUse, ModelRef};
+
+    /// Every fact the README lists changes the key, each on its own; the same facts give the
+    /// same key.
+    #[test]
+    fn every_input_of_an_image_changes_its_key() {
+        let location = crate::model::locate::ModelLocation { name: "tiny".into(), folder: "models/tiny".into(), unet_folder: None, single_file: None, config: None };
+        let model = ModelRef { name: "tiny".into(), label: crate::names::SafeName::new("tiny").unwrap(), location };
+        let base = Job {
+            model,
+            stack: vec![AdapterUse { lora: 0, weight: 1.0 }, AdapterUse { lora: 1, weight: 0.5 }],
+            prompt: "zorb, large".into(),
+            seed: 3,
+            params: GenerationParams::default(),
+        };
+        let hashes = ["aaaa", "bbbb", "cccc"];
+        let key = |job: &Job, hashes: [&'static str; 3], fp: &str, device: &str, dtype: &str| KeyParts::of(job, |i| hashes[i], fp, device, dtype).key();
+        let base_key = key(&base, hashes, "fp", "cpu", "f32");
+        assert_eq!(key(&base.clone(), hashes, "fp", "cpu", "f32"), base_key, "the same facts, the same key");
+        let with = |f: &dyn Fn(&mut Job)| {
+            let mut j = base.clone();
+            f(&mut j);
+            key(&j, hashes, "fp", "cpu", "f32")
+        };
+        let variants: Vec<(&str, String)> = vec![
+            ("model fingerprint", key(&base, hashes, "fp2", "cpu", "f32")),
+            ("a LoRA file", key(&base, ["aaaa", "dddd", "cccc"], "fp", "cpu", "f32")),
+            ("device", key(&base, hashes, "fp", "cuda", "f32")),
+            ("dtype", key(&base, hashes, "fp", "cpu", "f16")),
+            ("the VAE's dtype", key(&base, hashes, "fp", "cpu", "f16+vae-f32")),
+            ("LoRA weight", with(&|j| j.stack[1].weight = 0.75)),
+            ("LoRA order", with(&|j| j.stack.reverse())),
+            ("one LoRA fewer", with(&|j| j.stack.truncate(1))),
+            ("prompt", with(&|j| j.prompt.push('!'))),
+            ("negative prompt", with(&|j| j.params.negative_prompt = "blurry".into())),
+            ("seed", with(&|j| j.seed = 4)),
+            ("width", with(&|j| j.params.width = 192)),
+            ("height", with(&|j| j.params.height = 192)),
+            ("steps", with(&|j| j.params.steps = 21)),
+            ("guidance", with(&|j| j.params.guidance = 5.5)),
+            ("sampler", with(&|j| j.params.sampler = SamplerKind::Euler)),
+            ("clip skip", with(&|j| j.params.clip_skip = 2)),
+        ];
+        let mut seen = std::collections::BTreeMap::from([(base_key, "base")]);
+        for (what, k) in &variants {
+            if let Some(other) = seen.insert(k.clone(), what) {
+                panic!("changing the {what} gives the key of {other}");
+            }
+        }
+        // A name is not a pixel: the same model under another name keeps its key.
+        assert_eq!(with(&|j| j.model.name = "tiny-again".into()), key(&base, hashes, "fp", "cpu", "f32"));
+    }
 }

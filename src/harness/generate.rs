@@ -39,6 +39,9 @@ pub struct Generation {
     pub reports: HashMap<String, ApplyOutcome>,
     pub generated: usize,
     pub cached: usize,
+    /// Generation pipelines loaded (one per model with anything to generate or apply): 0 when
+    /// every image and LoRA report came from the cache.
+    pub pipelines_loaded: usize,
     pub seconds: f64,
     /// What the models said while generating (a VAE upcast to f32).
     pub notes: Vec<String>,
@@ -98,25 +101,7 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
             fingerprints.insert(job.model.clone(), model_fingerprint(&job.model.location)?);
         }
     }
-    let key_of = |job: &Job| -> String {
-        let fp = &fingerprints[&job.model];
-        KeyParts {
-            model_fingerprint: fp,
-            loras: job.stack.iter().map(|a| (suite.loras[a.lora].file.hash.as_str(), a.weight)).collect(),
-            prompt: &job.prompt,
-            negative_prompt: &job.params.negative_prompt,
-            seed: job.seed,
-            width: job.params.width,
-            height: job.params.height,
-            steps: job.params.steps,
-            guidance: job.params.guidance,
-            sampler: job.params.sampler.name(),
-            clip_skip: job.params.clip_skip,
-            device: device_class(device),
-            dtype: &compute,
-        }
-        .key()
-    };
+    let key_of = |job: &Job| -> String { KeyParts::of(job, |i| suite.loras[i].file.hash.as_str(), &fingerprints[&job.model], device_class(device), &compute).key() };
 
     let mut outcomes: Vec<Option<JobOutcome>> = vec![None; plan.jobs.len()];
     let mut reports: HashMap<String, ApplyOutcome> = HashMap::new();
@@ -148,10 +133,12 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
     progress.set(0);
     progress.message(format!("{to_generate} to generate, {cached} cached"));
     let mut generated = 0;
+    let mut pipelines_loaded = 0;
     let mut notes = Vec::new();
     for (model, job_ids) in by_model {
         progress.message(format!("loading {}", model.name));
         let mut pipe = Pipeline::load(&model.location, dtype, device)?;
+        pipelines_loaded += 1;
         if let Some(v) = opts.vae_dtype {
             pipe.set_vae_dtype(v)?;
         }
@@ -233,7 +220,7 @@ pub fn generate_all(suite: &Suite, plan: &Plan, cache: &ImageCache, opts: &Gener
         .enumerate()
         .map(|(i, o)| o.ok_or_else(|| Error::internal(format!("job {i} was neither cached nor generated"))))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Generation { outcomes, reports, generated, cached, seconds: start.elapsed().as_secs_f64(), notes })
+    Ok(Generation { outcomes, reports, generated, cached, pipelines_loaded, seconds: start.elapsed().as_secs_f64(), notes })
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -150,6 +150,10 @@ pub struct SuiteOutcome {
     pub images_total: usize,
     pub generated: usize,
     pub cached: usize,
+    /// Generation pipelines loaded: 0 on an unchanged re-run, whose images all come from the
+    /// cache (outcomes written before this was recorded read as 0).
+    #[serde(default)]
+    pub pipelines_loaded: usize,
     pub timings: Timings,
     /// Files written under `baselines/` (pending, or over the baselines with `always`).
     pub pending: Vec<PathBuf>,
@@ -494,6 +498,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         images_total: plan.jobs.len(),
         generated: generation.generated,
         cached: generation.cached,
+        pipelines_loaded: generation.pipelines_loaded,
         timings,
         pending: written,
         stale,

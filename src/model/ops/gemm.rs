@@ -15,16 +15,31 @@ pub struct MatRef<'a> {
 }
 
 impl MatRef<'_> {
-    /// Whether every element of the view lies inside `data`.
+    /// Whether every element of the view lies inside `data`. The offset of the last element is
+    /// computed with checked arithmetic: a view whose offsets overflow `usize` (which wrapping
+    /// in a release build would turn into a small offset that passes) does not fit.
     fn fits(&self, len: usize) -> bool {
-        self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+        if self.rows == 0 || self.cols == 0 {
+            return true;
+        }
+        let last = (self.rows - 1).checked_mul(self.row_stride).and_then(|r| (self.cols - 1).checked_mul(self.col_stride).and_then(|c| r.checked_add(c)));
+        last.is_some_and(|last| last < len)
+    }
+
+    /// Whether gemm can take the strides (it reads them as `isize`).
+    fn strides_fit_isize(&self) -> bool {
+        isize::try_from(self.row_stride).is_ok() && isize::try_from(self.col_stride).is_ok()
     }
 }
 
 /// `dst = lhs · rhs` on one thread (callers parallelise over many products), `dst` being
 /// `lhs.rows × rhs.cols` with rows `dst_row_stride` apart and contiguous columns.
 ///
-/// Panics when the shapes disagree or a view reaches outside its slice (a bug in the caller).
+/// Panics when the shapes disagree, a view reaches outside its slice, or the destination's
+/// rows overlap (`dst_row_stride < rhs.cols` with more than one row): gemm's threads write
+/// disjoint blocks of rows and columns, and overlapping rows would make two of them write the
+/// same element at once. All are bugs in the caller; the checks keep them panics, never
+/// undefined behaviour, so callers stay safe code.
 pub fn matmul_into(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<'_>) {
     product(dst, dst_row_stride, lhs, rhs, false, ::gemm::Parallelism::None)
 }
@@ -55,6 +70,8 @@ fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<
     assert!(lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()), "matmul_into: operand view outside its data");
     let out = MatRef { data: dst, rows: m, cols: n, row_stride: dst_row_stride, col_stride: 1 };
     assert!(out.fits(dst.len()), "matmul_into: destination view outside its data");
+    assert!(m <= 1 || dst_row_stride >= n, "matmul_into: destination rows overlap ({m} rows of {n} values, {dst_row_stride} apart)");
+    assert!(lhs.strides_fit_isize() && rhs.strides_fit_isize() && out.strides_fit_isize(), "matmul_into: a stride beyond isize::MAX");
     if m == 0 || n == 0 {
         return;
     }
@@ -67,7 +84,9 @@ fn product(dst: &mut [f32], dst_row_stride: usize, lhs: MatRef<'_>, rhs: MatRef<
         }
         return;
     }
-    // SAFETY: the asserts above keep every element gemm reads or writes inside its slice, and
+    // SAFETY: the asserts above keep every element gemm reads or writes inside its slice (with
+    // offsets that cannot overflow, and strides that convert to isize unchanged), the
+    // destination's rows are disjoint (each element has one writer among gemm's threads), and
     // `dst` is borrowed mutably, so no operand aliases it.
     unsafe {
         ::gemm::gemm(
@@ -131,5 +150,41 @@ mod tests {
         let lhs = MatRef { data: &a, rows: 2, cols: 3, row_stride: 3, col_stride: 1 };
         let rhs = MatRef { data: &a, rows: 3, cols: 1, row_stride: 1, col_stride: 1 };
         matmul_into(&mut [0f32; 2], 1, lhs, rhs);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn a_view_whose_offsets_overflow_is_refused() {
+        // (rows - 1) · row_stride wraps to 0 in a release build's unchecked arithmetic: a view
+        // of 2^63 · 2 elements would then pass as fitting in one.
+        let a = vec![0f32; 4];
+        let lhs = MatRef { data: &a, rows: 3, cols: 1, row_stride: 1 << (usize::BITS - 1), col_stride: 1 };
+        let rhs = MatRef { data: &a, rows: 1, cols: 1, row_stride: 1, col_stride: 1 };
+        matmul_into(&mut [0f32; 3], 1, lhs, rhs);
+    }
+
+    #[test]
+    fn overlapping_destination_rows_are_refused_and_one_row_needs_no_stride() {
+        let a = vec![1f32; 8];
+        let lhs = MatRef { data: &a, rows: 2, cols: 2, row_stride: 2, col_stride: 1 };
+        let rhs = MatRef { data: &a, rows: 2, cols: 4, row_stride: 4, col_stride: 1 };
+        // Two rows of 4 values 2 apart share two elements: refused on both paths.
+        for parallel in [false, true] {
+            let mut dst = vec![0f32; 8];
+            let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if parallel { matmul_into_parallel(&mut dst, 2, lhs, rhs) } else { matmul_add_into(&mut dst, 2, lhs, rhs) }
+            }));
+            let message = refused.expect_err("overlapping rows must be refused");
+            let message = message.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(message.contains("destination rows overlap"), "{message}");
+        }
+        // Rows exactly n apart, and a single row with any stride, are fine.
+        let mut dst = vec![0f32; 8];
+        matmul_into_parallel(&mut dst, 4, lhs, rhs);
+        assert_eq!(dst, vec![2f32; 8]);
+        let one = MatRef { data: &a, rows: 1, cols: 2, row_stride: 2, col_stride: 1 };
+        let mut row = vec![0f32; 4];
+        matmul_into(&mut row, 0, one, rhs);
+        assert_eq!(row, vec![2f32; 4]);
     }
 }

@@ -2,12 +2,150 @@
 //!
 //! libm's `expf` and `erff` are scalar calls and were about a sixth of all CPU time (softmax,
 //! SiLU, GELU). The versions here are branch-free so that LLVM vectorises the loops that call
-//! them, and every public function runs an AVX-512 or AVX2+FMA build of its loop when the CPU
-//! has one.
+//! them, and every public function has three builds of its loop: plain (the baseline target,
+//! no FMA), AVX2 + FMA, and AVX-512 (with AVX2 and FMA). [`build`] says which one runs: the
+//! widest the CPU has, or the one `LORAGATE_KERNELS=plain|avx2|avx512` forces (refused when the
+//! CPU lacks it), so that the tests can run every build the machine has.
 //! Accuracy: `exp` is within about 2 ulp; the GELU's erf is within 1.5e-7 (absolute).
 
-/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX-512 or AVX2+FMA when available, else
-/// for the baseline target. Inside `$body`, `FMA` is a const bool: use [`madd`] with it.
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// A build of the kernels: the same loops compiled for another instruction set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Build {
+    /// The baseline target (SSE2 on x86-64), no fused multiply-add: what CPUs without AVX2
+    /// and other architectures run.
+    Plain,
+    /// AVX2 + FMA, 256-bit vectors.
+    Avx2,
+    /// AVX-512F (+ AVX2 + FMA, which the attention tiles' intrinsics use): 512-bit vectors.
+    Avx512,
+}
+
+/// The CPU features the builds need, as detected (or as a test describes a CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuFeatures {
+    pub avx512f: bool,
+    pub avx2: bool,
+    pub fma: bool,
+}
+
+impl CpuFeatures {
+    /// This CPU's features (all false off x86-64).
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            CpuFeatures {
+                avx512f: std::arch::is_x86_feature_detected!("avx512f"),
+                avx2: std::arch::is_x86_feature_detected!("avx2"),
+                fma: std::arch::is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        CpuFeatures::default()
+    }
+}
+
+impl Build {
+    /// Every build, plainest first.
+    pub const ALL: [Build; 3] = [Build::Plain, Build::Avx2, Build::Avx512];
+
+    /// The name `LORAGATE_KERNELS` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Build::Plain => "plain",
+            Build::Avx2 => "avx2",
+            Build::Avx512 => "avx512",
+        }
+    }
+
+    /// The features the build is compiled for, each of which the CPU must have: the
+    /// `#[target_feature]` lists in `dispatch!`.
+    pub fn needs(self) -> &'static [&'static str] {
+        match self {
+            Build::Plain => &[],
+            Build::Avx2 => &["avx2", "fma"],
+            Build::Avx512 => &["avx512f", "avx2", "fma"],
+        }
+    }
+
+    /// The features of [`Build::needs`] that `cpu` lacks (empty: the build runs on it).
+    pub fn missing_on(self, cpu: &CpuFeatures) -> Vec<&'static str> {
+        let has = |f: &str| match f {
+            "avx512f" => cpu.avx512f,
+            "avx2" => cpu.avx2,
+            "fma" => cpu.fma,
+            _ => false,
+        };
+        // Only x86-64 has the wide builds at all.
+        let arch_ok = cfg!(target_arch = "x86_64") || self == Build::Plain;
+        self.needs().iter().copied().filter(|f| !arch_ok || !has(f)).collect()
+    }
+
+    /// The builds `cpu` runs, plainest first.
+    pub fn supported_on(cpu: &CpuFeatures) -> Vec<Build> {
+        Build::ALL.into_iter().filter(|b| b.missing_on(cpu).is_empty()).collect()
+    }
+
+    /// The build a process takes on `cpu`: `requested` (a `LORAGATE_KERNELS` value) when
+    /// given and the CPU has it, else the widest the CPU has. An unknown name, or a build the
+    /// CPU lacks, is refused with what is missing (never quietly replaced by another build).
+    pub fn choose(requested: Option<&str>, cpu: &CpuFeatures) -> Result<Build, String> {
+        let Some(name) = requested.map(str::trim).filter(|n| !n.is_empty()) else {
+            return Ok(*Build::supported_on(cpu).last().expect("the plain build runs everywhere"));
+        };
+        let Some(build) = Build::ALL.into_iter().find(|b| b.name().eq_ignore_ascii_case(name)) else {
+            return Err(format!("LORAGATE_KERNELS={name}: unknown kernel build (use plain, avx2 or avx512)"));
+        };
+        let missing = build.missing_on(cpu);
+        if !missing.is_empty() {
+            return Err(format!("LORAGATE_KERNELS={name}: this CPU lacks {} (it runs: {})", missing.join(", "), Build::supported_on(cpu).iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")));
+        }
+        Ok(build)
+    }
+}
+
+/// The builds this CPU runs, plainest first.
+pub fn supported_builds() -> Vec<Build> {
+    Build::supported_on(&CpuFeatures::detect())
+}
+
+/// 0: not decided yet; else 1 + the index in [`Build::ALL`] of the build every kernel runs.
+/// Written only with what [`Build::choose`] returned for this CPU, so a wide build is only ever
+/// stored on a CPU that has all its features (what `dispatch!` relies on).
+static BUILD: AtomicU8 = AtomicU8::new(0);
+
+/// The kernel build this process runs (decided on first use, see [`init_from_env`]).
+///
+/// Panics when `LORAGATE_KERNELS` names a build this CPU lacks (or no build) and
+/// [`init_from_env`] did not refuse it first: the binary calls that at start and exits 2, so
+/// only a library user or a test binary reaches the panic, rather than a run on a build
+/// nobody asked for.
+pub fn build() -> Build {
+    match BUILD.load(Ordering::Relaxed) {
+        0 => match choose_from_env() {
+            Ok(b) => b,
+            Err(e) => panic!("{e}"),
+        },
+        i => Build::ALL[i as usize - 1],
+    }
+}
+
+fn choose_from_env() -> Result<Build, String> {
+    let requested = std::env::var("LORAGATE_KERNELS").ok();
+    let b = Build::choose(requested.as_deref(), &CpuFeatures::detect())?;
+    BUILD.store(Build::ALL.iter().position(|x| *x == b).expect("listed") as u8 + 1, Ordering::Relaxed);
+    Ok(b)
+}
+
+/// Decides the kernel build from `LORAGATE_KERNELS` and the CPU, refusing a build the CPU
+/// lacks or an unknown name with the reason (the binary calls it first and exits 2).
+pub fn init_from_env() -> crate::error::Result<Build> {
+    choose_from_env().map_err(crate::error::Error::invalid)
+}
+
+/// Defines `pub fn $name(args)` that runs `$body` compiled for the chosen [`build`]: AVX-512 or
+/// AVX2+FMA, else the baseline target. Inside `$body`, `FMA` is a const bool: use [`madd`] with it.
 macro_rules! dispatch {
     ($(#[$m:meta])* pub fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$m])*
@@ -26,13 +164,13 @@ macro_rules! dispatch {
                 unsafe fn fast($($a: $t),*) $(-> $r)? {
                     imp::<true>($($a),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features `wide` is compiled for.
-                    return unsafe { wide($($a),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features `fast` is compiled for.
-                    return unsafe { fast($($a),*) };
+                match build() {
+                    // SAFETY: `build()` is `Avx512` only on a CPU with avx512f, avx2 and fma,
+                    // the features `wide` is compiled for (`Build::choose`, `Build::needs`).
+                    Build::Avx512 => return unsafe { wide($($a),*) },
+                    // SAFETY: likewise `Avx2` only with avx2 and fma, `fast`'s features.
+                    Build::Avx2 => return unsafe { fast($($a),*) },
+                    Build::Plain => {}
                 }
             }
             imp::<false>($($a),*)
@@ -300,35 +438,96 @@ pub fn attention_padding(m: usize, d: usize) -> (usize, usize) {
     (m.next_multiple_of(KB), d.next_multiple_of(KB))
 }
 
-/// `QB` query rows `qb [QB, d]` times keys `j0..j0+KB` of `kt [d, mp]`.
-#[inline(always)]
-fn scores_tile<const FMA: bool>(qb: &[f32], d: usize, kt: &[f32], mp: usize, j0: usize) -> [[f32; KB]; QB] {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        use std::arch::x86_64::*;
-        assert!(d == 0 || (kt.len() >= (d - 1) * mp + j0 + KB && qb.len() >= QB * d));
-        // SAFETY: FMA is only set in the AVX2+FMA build (see `dispatch!`); the assert bounds
-        // every read.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 2 * QB];
-            let (kp, qp) = (kt.as_ptr().add(j0), qb.as_ptr());
-            for t in 0..d {
-                let k = kp.add(t * mp);
-                let (k0, k1) = (_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8)));
-                for r in 0..QB {
-                    let a = _mm256_broadcast_ss(&*qp.add(r * d + t));
-                    acc[2 * r] = _mm256_fmadd_ps(a, k0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(a, k1, acc[2 * r + 1]);
+/// The AVX2 + FMA intrinsics of the attention tiles, behind a token that proves the CPU has
+/// those instructions: [`Avx2Fma::in_build`] is its only constructor (the field is private to
+/// this module), and it makes one only when the dispatch chose a wide build, which
+/// [`Build::choose`] does only on CPUs with AVX2 and FMA. So no code path, whatever it passes
+/// as `FMA`, can reach the intrinsics on a CPU without them.
+mod avx2 {
+    use super::{Build, KB, QB, build};
+
+    #[derive(Clone, Copy)]
+    pub struct Avx2Fma(());
+
+    impl Avx2Fma {
+        /// `Some` in the AVX2 and AVX-512 builds (`FMA` set, `build()` wide), `None` in the
+        /// plain build (whose tiles are the portable loops).
+        #[inline(always)]
+        pub fn in_build<const FMA: bool>() -> Option<Self> {
+            (FMA && cfg!(target_arch = "x86_64") && build() != Build::Plain).then_some(Avx2Fma(()))
+        }
+
+        /// See [`super::scores_tile`].
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        pub fn scores_tile(self, qb: &[f32], d: usize, kt: &[f32], mp: usize, j0: usize) -> [[f32; KB]; QB] {
+            use std::arch::x86_64::*;
+            assert!(d == 0 || (kt.len() >= (d - 1) * mp + j0 + KB && qb.len() >= QB * d));
+            // SAFETY: `self` exists only on a CPU with AVX2 and FMA (see `in_build`); the
+            // assert bounds every read.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 2 * QB];
+                let (kp, qp) = (kt.as_ptr().add(j0), qb.as_ptr());
+                for t in 0..d {
+                    let k = kp.add(t * mp);
+                    let (k0, k1) = (_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8)));
+                    for r in 0..QB {
+                        let a = _mm256_broadcast_ss(&*qp.add(r * d + t));
+                        acc[2 * r] = _mm256_fmadd_ps(a, k0, acc[2 * r]);
+                        acc[2 * r + 1] = _mm256_fmadd_ps(a, k1, acc[2 * r + 1]);
+                    }
                 }
+                let mut out = [[0f32; KB]; QB];
+                for r in 0..QB {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+                }
+                out
             }
-            let mut out = [[0f32; KB]; QB];
-            for r in 0..QB {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+        }
+
+        /// See [`super::values_tile`].
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        pub fn values_tile(self, p: &[f32], mp: usize, m: usize, v: &[f32], dp: usize, c0: usize) -> [[f32; KB]; QB] {
+            use std::arch::x86_64::*;
+            assert!(m == 0 || (v.len() >= (m - 1) * dp + c0 + KB && p.len() >= (QB - 1) * mp + m));
+            // SAFETY: as in `scores_tile`.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 2 * QB];
+                let (vp, pp) = (v.as_ptr().add(c0), p.as_ptr());
+                for j in 0..m {
+                    let x = vp.add(j * dp);
+                    let (v0, v1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
+                    for r in 0..QB {
+                        let a = _mm256_broadcast_ss(&*pp.add(r * mp + j));
+                        acc[2 * r] = _mm256_fmadd_ps(a, v0, acc[2 * r]);
+                        acc[2 * r + 1] = _mm256_fmadd_ps(a, v1, acc[2 * r + 1]);
+                    }
+                }
+                let mut out = [[0f32; KB]; QB];
+                for r in 0..QB {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
+                }
+                out
             }
-            return out;
         }
     }
+}
+
+use avx2::Avx2Fma;
+
+/// `QB` query rows `qb [QB, d]` times keys `j0..j0+KB` of `kt [d, mp]`: AVX2 intrinsics with a
+/// [`Avx2Fma`] token, else portable loops.
+#[inline(always)]
+fn scores_tile<const FMA: bool>(simd: Option<Avx2Fma>, qb: &[f32], d: usize, kt: &[f32], mp: usize, j0: usize) -> [[f32; KB]; QB] {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = simd {
+        return simd.scores_tile(qb, d, kt, mp, j0);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     let mut acc = [[0f32; KB]; QB];
     for t in 0..d {
         let k = &kt[t * mp + j0..][..KB];
@@ -343,34 +542,15 @@ fn scores_tile<const FMA: bool>(qb: &[f32], d: usize, kt: &[f32], mp: usize, j0:
 }
 
 /// `QB` probability rows (`p [QB, mp]`, first `m` used) times columns `c0..c0+KB` of
-/// `v [m, dp]`.
+/// `v [m, dp]` (see [`scores_tile`]).
 #[inline(always)]
-fn values_tile<const FMA: bool>(p: &[f32], mp: usize, m: usize, v: &[f32], dp: usize, c0: usize) -> [[f32; KB]; QB] {
+fn values_tile<const FMA: bool>(simd: Option<Avx2Fma>, p: &[f32], mp: usize, m: usize, v: &[f32], dp: usize, c0: usize) -> [[f32; KB]; QB] {
     #[cfg(target_arch = "x86_64")]
-    if FMA {
-        use std::arch::x86_64::*;
-        assert!(m == 0 || (v.len() >= (m - 1) * dp + c0 + KB && p.len() >= (QB - 1) * mp + m));
-        // SAFETY: as in `scores_tile`.
-        unsafe {
-            let mut acc = [_mm256_setzero_ps(); 2 * QB];
-            let (vp, pp) = (v.as_ptr().add(c0), p.as_ptr());
-            for j in 0..m {
-                let x = vp.add(j * dp);
-                let (v0, v1) = (_mm256_loadu_ps(x), _mm256_loadu_ps(x.add(8)));
-                for r in 0..QB {
-                    let a = _mm256_broadcast_ss(&*pp.add(r * mp + j));
-                    acc[2 * r] = _mm256_fmadd_ps(a, v0, acc[2 * r]);
-                    acc[2 * r + 1] = _mm256_fmadd_ps(a, v1, acc[2 * r + 1]);
-                }
-            }
-            let mut out = [[0f32; KB]; QB];
-            for r in 0..QB {
-                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[2 * r]);
-                _mm256_storeu_ps(out[r].as_mut_ptr().add(8), acc[2 * r + 1]);
-            }
-            return out;
-        }
+    if let Some(simd) = simd {
+        return simd.values_tile(p, mp, m, v, dp, c0);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     let mut acc = [[0f32; KB]; QB];
     for j in 0..m {
         let x = &v[j * dp + c0..][..KB];
@@ -393,6 +573,7 @@ dispatch! {
         let (m, mp, d, dp) = (kv.m, kv.m_pad, kv.d, kv.d_pad);
         scratch.resize(QB * mp + QB * d, 0.0);
         let (s, qb) = scratch.split_at_mut(QB * mp);
+        let simd = Avx2Fma::in_build::<FMA>();
         for i0 in (0..rows).step_by(QB) {
             let nq = QB.min(rows - i0);
             for r in 0..QB {
@@ -405,7 +586,7 @@ dispatch! {
             }
             // Scores: a QB × KB register tile per step over d.
             for j0 in (0..mp).step_by(KB) {
-                let acc = scores_tile::<FMA>(qb, d, kv.kt, mp, j0);
+                let acc = scores_tile::<FMA>(simd, qb, d, kv.kt, mp, j0);
                 for r in 0..QB {
                     s[r * mp + j0..][..KB].copy_from_slice(&acc[r]);
                 }
@@ -415,13 +596,14 @@ dispatch! {
             }
             // Probabilities times values: a QB × KB tile of the output per step over keys.
             for c0 in (0..dp).step_by(KB) {
-                let acc = values_tile::<FMA>(s, mp, m, kv.v, dp, c0);
+                let acc = values_tile::<FMA>(simd, s, mp, m, kv.v, dp, c0);
                 let width = KB.min(d - c0);
                 for r in 0..nq {
                     o[(i0 + r) * o_stride + c0..][..width].copy_from_slice(&acc[r][..width]);
                 }
             }
-        }    }
+        }
+    }
 }
 
 dispatch! {
@@ -648,6 +830,45 @@ dispatch! {
     }
 }
 
+/// For the test suites: runs the tests matching `filter` in this test binary again, once under
+/// each build this CPU runs other than the one this process took, with `LORAGATE_KERNELS`
+/// forcing it (the tests named in `skip` are left out: the calling test, so children do not
+/// recurse, and any the caller runs once only). Each child
+/// must pass, and must say that its forced build was in effect: the test named
+/// `the_forced_kernel_build_is_in_effect` under `filter` prints `kernel build in effect: NAME`
+/// and fails when the switch did not take. Returns every build that ran the tests (this
+/// process's included), with each child's count of passed tests; panics on any failure.
+#[doc(hidden)]
+pub fn rerun_tests_under_other_builds(filter: &str, skip: &[&str]) -> Vec<(Build, usize)> {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut ran = vec![(build(), 0)];
+    for b in supported_builds().into_iter().filter(|&b| b != build()) {
+        let t = std::time::Instant::now();
+        let out = std::process::Command::new(&exe)
+            .arg(filter)
+            .args(skip.iter().flat_map(|s| ["--skip", s]))
+            .arg("--show-output")
+            .env("LORAGATE_KERNELS", b.name())
+            .output()
+            .expect("the test binary runs again");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the tests under LORAGATE_KERNELS={} failed:\n{text}", b.name());
+        assert!(
+            text.contains(&format!("kernel build in effect: {}", b.name())),
+            "LORAGATE_KERNELS={} ran, but no test reported that build in effect (is `the_forced_kernel_build_is_in_effect` under {filter}?):\n{text}",
+            b.name()
+        );
+        let passed = text
+            .lines()
+            .find_map(|l| l.strip_prefix("test result: ok. ")?.split(' ').next()?.parse::<usize>().ok())
+            .expect("a libtest summary line");
+        eprintln!("LORAGATE_KERNELS={}: {passed} tests passed in {:.1} s", b.name(), t.elapsed().as_secs_f64());
+        ran.push((b, passed));
+    }
+    ran.sort();
+    ran
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,6 +882,59 @@ mod tests {
             sum += term / (2 * n + 1) as f64;
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    /// Run by [`rerun_tests_under_other_builds`]' children (and here): the build that
+    /// `LORAGATE_KERNELS` asks for is the one every kernel runs, and only a wide build hands
+    /// out the token for the attention tiles' intrinsics.
+    #[test]
+    fn the_forced_kernel_build_is_in_effect() {
+        let want = Build::choose(std::env::var("LORAGATE_KERNELS").ok().as_deref(), &CpuFeatures::detect()).unwrap();
+        assert_eq!(build(), want);
+        assert_eq!(Avx2Fma::in_build::<true>().is_some(), want != Build::Plain);
+        assert!(Avx2Fma::in_build::<false>().is_none());
+        println!("kernel build in effect: {}", build().name());
+    }
+
+    /// The kernel tests (everything under `model::ops`) under every build this CPU runs: this
+    /// process runs them under its own, children under the others (see
+    /// [`rerun_tests_under_other_builds`]).
+    #[test]
+    fn every_kernel_build_this_cpu_runs_passes_the_kernel_tests() {
+        let ran = rerun_tests_under_other_builds("model::ops::", &["every_kernel_build_this_cpu_runs_passes_the_kernel_tests"]);
+        let builds: Vec<Build> = ran.iter().map(|(b, _)| *b).collect();
+        assert_eq!(builds, supported_builds(), "every build this CPU runs, each once");
+        // Each child ran the whole module, not a stray filter's handful.
+        for (b, passed) in &ran[..] {
+            assert!(*b == build() || *passed >= 30, "{}: only {passed} kernel tests ran", b.name());
+        }
+        let names: Vec<&str> = builds.iter().map(|b| b.name()).collect();
+        eprintln!("kernel tests ran under: {}", names.join(", "));
+    }
+
+    #[test]
+    fn a_build_needs_every_feature_it_is_compiled_for() {
+        let cpu = |avx512f, avx2, fma| CpuFeatures { avx512f, avx2, fma };
+        let all = cpu(true, true, true);
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(Build::choose(None, &all), Ok(Build::Avx512));
+            assert_eq!(Build::choose(None, &cpu(false, true, true)), Ok(Build::Avx2));
+            // AVX-512F without AVX2 (or without FMA) runs neither wide build: `wide` is
+            // compiled for all three, and the attention tiles' intrinsics are AVX2 + FMA.
+            assert_eq!(Build::choose(None, &cpu(true, false, true)), Ok(Build::Plain));
+            assert_eq!(Build::choose(None, &cpu(true, true, false)), Ok(Build::Plain));
+            let e = Build::choose(Some("avx512"), &cpu(true, false, true)).unwrap_err();
+            assert!(e.contains("lacks avx2") && e.contains("runs: plain"), "{e}");
+            assert_eq!(Build::choose(Some("avx2"), &all), Ok(Build::Avx2));
+            assert_eq!(Build::choose(Some("AVX512"), &all), Ok(Build::Avx512));
+            assert_eq!(Build::supported_on(&all), Build::ALL.to_vec());
+        }
+        assert_eq!(Build::choose(Some("plain"), &CpuFeatures::default()), Ok(Build::Plain));
+        let e = Build::choose(Some("avx2"), &CpuFeatures::default()).unwrap_err();
+        assert!(e.contains("LORAGATE_KERNELS=avx2") && e.contains("lacks avx2, fma"), "{e}");
+        let e = Build::choose(Some("sse4"), &all).unwrap_err();
+        assert!(e.contains("unknown kernel build"), "{e}");
+        assert_eq!(Build::choose(Some(""), &CpuFeatures::default()), Ok(Build::Plain));
     }
 
     #[test]
