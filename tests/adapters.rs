@@ -267,3 +267,107 @@ fn ia3_glora_and_oft_are_refused_by_name_with_the_reason() {
     t.insert("base_model.model.down_blocks.0.resnets.0.conv1.hada_w1_a".to_string(), randn(&[64, 4], 1));
     refused("peft-loha.safetensors", &t, &["LoHa", "kohya/LyCORIS naming"]);
 }
+
+/// `loragate ARGS` from the repository root; (exit code, stdout + stderr).
+fn loragate(args: &[&str]) -> (i32, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_loragate"))
+        .args(args)
+        .current_dir(common::repo())
+        .env_remove("GITHUB_STEP_SUMMARY")
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+}
+
+/// The portrait suite's stacked case with each adapter in place of its zorb LoRA (stacked with
+/// the sticker LoRA, each alone, the pair): it runs end to end with every tensor applied. A random
+/// adapter is no good zorb, so checks may fail (exit 1); a refusal (exit 2) or a crash may not.
+/// Then `generate` with one stacked at a weight, and `inspect` through the binary.
+#[test]
+fn the_portrait_suite_runs_with_each_adapter_swapped_in() {
+    let tmp = std::env::temp_dir().join(format!("loragate-adapters-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let cache = tmp.join("cache");
+    for name in ADAPTERS {
+        let file = adapter(name);
+        let out = tmp.join(name);
+        let (code, text) = loragate(&[
+            "suite",
+            "suites/portrait.yaml",
+            "--ci",
+            "--case",
+            "stacked",
+            "--lora",
+            &format!("zorb={}", file.display()),
+            "--out",
+            out.to_str().unwrap(),
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]);
+        assert!(code == 0 || code == 1, "{name}: exit {code}\n{text}");
+        let junit = std::fs::read_to_string(out.join("junit.xml")).unwrap();
+        let n = LoraFile::load(&file).unwrap().tensor_count;
+        assert!(junit.contains(&format!("{name}.safetensors: {n} of {n} tensors applied")), "{name}: {junit}");
+        assert!(text.contains("PASS   stacked applied"), "{name}: {text}");
+    }
+    let png = tmp.join("lokr.png");
+    let lokr = format!("{}:0.8", adapter("lokr-factored").display());
+    let dora = format!("{}:0.5", adapter("dora").display());
+    let (code, text) = loragate(&["generate", "zorb, large, in the center, sky background", "--lora", &lokr, "--lora", &dora, "--steps", "4", "-o", png.to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(png.exists(), "{text}");
+    let (code, text) = loragate(&["inspect", adapter("lokr-factored").to_str().unwrap()]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("LoKr (Kronecker product)") && text.contains("factors:"), "{text}");
+}
+
+/// SDXL files name UNet modules the SGM way (`input_blocks_4_1_…`) and the second text encoder
+/// `lora_te2_`; LyCORIS algorithms bind through the same names. The model is built without
+/// weights (a recorder): only its layer names and shapes matter here.
+#[test]
+fn lycoris_modules_bind_to_sdxl_by_sgm_names_and_te2() {
+    use loragate::model::adapters::AdapterTargets;
+    use loragate::model::params::{Params, WeightStore};
+    use loragate::model::text_encoder::{TextConfig, TextEncoder};
+    use loragate::model::unet::{UNet, UNetConfig};
+    use std::cell::RefCell;
+    let cfg = UNetConfig::sdxl();
+    let store = WeightStore::recorder(&Device::Cpu);
+    let (unet, te2) = (RefCell::new(AdapterTargets::default()), RefCell::new(AdapterTargets::default()));
+    UNet::load(&Params::root(&store, &unet), &cfg).unwrap();
+    TextEncoder::load(&Params::root(&store, &te2), &TextConfig::sdxl_bigg(), true).unwrap();
+    let mut targets = AdapterTargets::default();
+    targets.extend_prefixed("unet", &unet.into_inner());
+    targets.extend_prefixed("text_encoder_2", &te2.into_inner());
+    let mut t = BTreeMap::new();
+    // LoKr on cross-attention keys (2048 → 640): w1 [8, 16] whole ⊗ w2 [80, 128] of rank 4.
+    let k = "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k";
+    t.insert(format!("{k}.lokr_w1"), randn(&[8, 16], 1));
+    t.insert(format!("{k}.lokr_w2_a"), randn(&[80, 4], 2));
+    t.insert(format!("{k}.lokr_w2_b"), randn(&[4, 128], 3));
+    // LoCon with a Tucker core on the first ResNet's 3×3 conv1 (LDM `in_layers.2`).
+    let c = "lora_unet_input_blocks_1_0_in_layers_2";
+    t.insert(format!("{c}.lora_down.weight"), randn(&[2, 320, 1, 1], 4));
+    t.insert(format!("{c}.lora_mid.weight"), randn(&[2, 2, 3, 3], 5));
+    t.insert(format!("{c}.lora_up.weight"), randn(&[320, 2, 1, 1], 6));
+    // LoHa with DoRA on the second text encoder's queries.
+    let q = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj";
+    for (n, s) in [("hada_w1_a", [1280, 2]), ("hada_w1_b", [2, 1280]), ("hada_w2_a", [1280, 2]), ("hada_w2_b", [2, 1280])] {
+        t.insert(format!("{q}.{n}"), randn(&s, 7));
+    }
+    t.insert(format!("{q}.dora_scale"), randn(&[1280, 1], 8));
+    let lora = LoraFile::from_bytes(Path::new("sdxl-lycoris.safetensors"), &bytes_of(&t)).unwrap();
+    assert_eq!(loragate::lora::apply::probable_family(&lora), Some(loragate::model::Family::Sdxl));
+    let index = loragate::lora::apply::TargetIndex::new(&targets, Some(&cfg));
+    let bound = loragate::lora::apply::resolve_lora(&lora, &index, "sd_xl_base_1.0", loragate::model::Family::Sdxl).unwrap();
+    let mut got: Vec<&str> = bound.modules.iter().map(|m| m.target.as_str()).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj",
+            "unet.down_blocks.0.resnets.0.conv1",
+            "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+        ]
+    );
+}

@@ -193,10 +193,10 @@ fn half_modules_and_rank_disagreements_are_errors() {
 }
 
 #[test]
-fn lycoris_variants_are_refused_by_name() {
+fn an_incomplete_lycoris_module_is_refused_naming_what_is_missing() {
     let mut t = BTreeMap::new();
     t.insert("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a".to_string(), matrix(4, 4, 0.0));
-    expect_err(load_bytes("loha.safetensors", &bytes_of(&t)), &["LoHa"]);
+    expect_err(load_bytes("loha.safetensors", &bytes_of(&t)), &["LoHa", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "no `hada_w1_b`"]);
 }
 
 #[test]
