@@ -124,8 +124,11 @@ fn merged_weights_are_base_plus_scaled_products_for_stacked_loras() {
     let b = make(3.0, 1.0, KeyStyle::Diffusers); // scale 0.5
     let stack = LoraStack::resolve(&pipe, &[(&a, 0.7), (&b, 0.3)]).unwrap();
     stack.apply(&pipe).unwrap();
-    let da = a.modules[0].up.matmul(&a.modules[0].down).unwrap();
-    let db = b.modules[0].up.matmul(&b.modules[0].down).unwrap();
+    let product = |l: &LoraFile| {
+        let (down, up) = l.modules[0].low_rank().unwrap();
+        up.matmul(down).unwrap()
+    };
+    let (da, db) = (product(&a), product(&b));
     let want = ((layer.base_weight() + (da * 0.7).unwrap()).unwrap() + (db * 0.15).unwrap()).unwrap();
     let d = common::max_abs_diff(&layer.effective_weight(), &want);
     assert!(d < 1e-6, "merged weight off by {d}");
@@ -190,10 +193,10 @@ fn half_modules_and_rank_disagreements_are_errors() {
 }
 
 #[test]
-fn lycoris_variants_are_refused_by_name() {
+fn an_incomplete_lycoris_module_is_refused_naming_what_is_missing() {
     let mut t = BTreeMap::new();
     t.insert("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a".to_string(), matrix(4, 4, 0.0));
-    expect_err(load_bytes("loha.safetensors", &bytes_of(&t)), &["LoHa"]);
+    expect_err(load_bytes("loha.safetensors", &bytes_of(&t)), &["LoHa", "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "no `hada_w1_b`"]);
 }
 
 #[test]
@@ -202,7 +205,8 @@ fn a_module_the_model_lacks_is_an_error_naming_it() {
     let mut t = BTreeMap::new();
     for (k, v) in LoraFile::load(&shared_loras().join("zorb.kohya.safetensors")).unwrap().modules.iter().take(1).flat_map(|m| {
         let name = m.name.as_str().to_string();
-        vec![(format!("lora_unet_{name}.lora_down.weight"), m.down.clone()), (format!("lora_unet_{name}.lora_up.weight"), m.up.clone())]
+        let (down, up) = m.low_rank().unwrap();
+        vec![(format!("lora_unet_{name}.lora_down.weight"), down.clone()), (format!("lora_unet_{name}.lora_up.weight"), up.clone())]
     }) {
         t.insert(k, v);
     }
@@ -241,7 +245,7 @@ fn kohya_and_diffusers_zorb_files_agree() {
     assert_eq!(d.format, loragate::lora::LoraFormat::Diffusers);
     assert_eq!(k.modules.len(), 56);
     assert_eq!(d.modules.len(), 56);
-    assert!(k.modules.iter().all(|m| m.alpha == Some(4.0) && m.rank() == 4));
+    assert!(k.modules.iter().all(|m| m.alpha == Some(4.0) && m.rank() == Some(4)));
     assert!(d.modules.iter().all(|m| m.alpha.is_none()));
 }
 

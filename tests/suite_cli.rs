@@ -91,7 +91,8 @@ fn write_noop_lora(path: &Path) {
         .iter()
         .map(|m| {
             let (key, _) = index.find(m.component, &m.name).unwrap();
-            ExportModule { component: Component::Unet, path: key.strip_prefix("unet.").unwrap().into(), down: m.down.clone(), up: m.up.zeros_like().unwrap(), alpha: 4.0 }
+            let (down, up) = m.low_rank().unwrap();
+            ExportModule { component: Component::Unet, path: key.strip_prefix("unet.").unwrap().into(), down: down.clone(), up: up.zeros_like().unwrap(), alpha: 4.0 }
         })
         .collect();
     write(path, &modules, KeyStyle::Kohya, &BTreeMap::new(), SaveDtype::F32).unwrap();

@@ -350,7 +350,7 @@ fn exported_loras_load_in_the_harness_and_match_the_training_forward() {
         let expected = if cfg.format == OutputFormat::Kohya { loragate::lora::LoraFormat::Kohya } else { loragate::lora::LoraFormat::Diffusers };
         assert_eq!(file.format, expected);
         assert_eq!(file.modules.len(), net.modules.len());
-        assert!(file.modules.iter().all(|m| m.alpha == Some(2.0) && m.rank() == 4));
+        assert!(file.modules.iter().all(|m| m.alpha == Some(2.0) && m.rank() == Some(4)));
         let meta = &file.metadata;
         for (k, v) in [
             ("ss_network_module", "networks.lora"),

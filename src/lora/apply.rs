@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use super::algo::{AdapterWeights, Dora, DoraAxis};
 use super::keys::{Component, ModuleName, flatten};
-use super::{LoraFile, preview};
+use super::{LoraFile, LoraModule, preview};
 use crate::error::{Error, Result};
-use crate::model::adapters::{AdaptableLayer, AdapterTargets, MergedDelta};
+use crate::model::adapters::{AdaptableLayer, AdapterTargets, LayerKind, MergedDelta, Patch, PatchDelta};
 use crate::model::unet::UNetConfig;
 use crate::model::{Family, Pipeline};
 
@@ -22,10 +23,42 @@ pub struct BoundModule {
     pub layer: Arc<AdaptableLayer>,
     /// `unet.down_blocks.…` (the registry key).
     pub target: String,
-    pub down: Tensor,
-    pub up: Tensor,
-    /// alpha / rank (1 without alpha).
+    /// The module's tensors on the layer's device, as merged.
+    pub patch: Arc<ModulePatch>,
+    /// The module's own scale (see [`LoraModule::scale`]).
     pub scale: f64,
+}
+
+/// A module's update as merged into its layer.
+///
+/// Without DoRA the change is `weight · scale · ΔW` (and `weight · diff_b` on the bias). With
+/// DoRA it is `weight · (m ⊙ V / ‖V‖ − W)` for `V = W + scale · ΔW`, the norms recomputed from
+/// that merged weight: at weight 1 exactly PEFT's and LyCORIS's DoRA, at 0 the base model, and
+/// linear in between, as A1111 and ComfyUI apply a DoRA's strength.
+#[derive(Debug, Clone)]
+pub struct ModulePatch {
+    pub weights: AdapterWeights,
+    pub scale: f64,
+    pub dora: Option<Dora>,
+}
+
+impl Patch for ModulePatch {
+    fn delta(&self, base: &Tensor, weight: f64) -> Result<PatchDelta> {
+        let update = match self.weights.update()? {
+            Some(u) => Some(u.reshape(base.shape())?),
+            None => None,
+        };
+        let dw = match (&self.dora, update) {
+            (None, Some(u)) => Some((u * (self.scale * weight))?),
+            (Some(dora), Some(u)) => Some((dora.delta(base, &(u * self.scale)?)? * weight)?),
+            (_, None) => None,
+        };
+        let db = match &self.weights {
+            AdapterWeights::Full { diff_b: Some(b), .. } => Some((b * weight)?),
+            _ => None,
+        };
+        Ok(PatchDelta { weight: dw, bias: db })
+    }
 }
 
 /// A LoRA whose every module is bound to a layer of one model.
@@ -118,20 +151,23 @@ pub fn probable_family(lora: &LoraFile) -> Option<Family> {
     if lora.modules.iter().any(|m| m.component == Component::TextEncoder2) {
         return Some(Family::Sdxl);
     }
-    let name_ends = |m: &super::LoraModule, tails: &[&str]| {
+    let name_ends = |m: &LoraModule, tails: &[&str]| {
         let n = m.name.as_str();
         tails.iter().any(|t| n.ends_with(t))
     };
     for m in &lora.modules {
         if m.component == Component::Unet
             && name_ends(m, &["attn2.to_k", "attn2.to_v", "attn2_to_k", "attn2_to_v"])
+            && let Some(w) = m.in_features()
         {
-            return Some(Family::from_text_width(m.down.elem_count() / m.rank()));
+            return Some(Family::from_text_width(w));
         }
     }
     for m in &lora.modules {
-        if m.component == Component::TextEncoder && name_ends(m, &["q_proj"]) {
-            let w = m.down.elem_count() / m.rank();
+        if m.component == Component::TextEncoder
+            && name_ends(m, &["q_proj"])
+            && let Some(w) = m.in_features()
+        {
             return Some(match w {
                 768 => Family::Sd1,
                 1024 => Family::Sd2,
@@ -156,23 +192,22 @@ pub fn resolve_lora(lora: &LoraFile, index: &TargetIndex, model_name: &str, mode
             unmatched.push(m.keys[0].clone());
             continue;
         };
-        let rank = m.rank();
-        let lora_in = m.down.elem_count() / rank;
-        let lora_out = m.up.elem_count() / rank;
-        let (want_in, want_out) = (layer.kind.in_dim(), layer.kind.out_dim());
-        if lora_in != want_in || lora_out != want_out {
+        if let Some(problem) = misfit(m, layer.kind) {
             return Err(Error::LoraMismatch {
                 path: lora.path.clone(),
-                message: format!(
-                    "cannot apply to {model_name}: layer `{target}` maps {want_in} → {want_out} features, but the \
-                     LoRA's matrices (down {:?}, up {:?}) map {lora_in} → {lora_out}.{}",
-                    m.down.dims(),
-                    m.up.dims(),
-                    family_hint()
-                ),
+                message: format!("cannot apply to {model_name}: layer `{target}` {problem}.{}", family_hint()),
             });
         }
-        bound.push(BoundModule { layer: layer.clone(), target, down: m.down.clone(), up: m.up.clone(), scale: m.scale() });
+        let device = layer.base_weight().device();
+        let patch = ModulePatch {
+            weights: m.weights.to_device(device)?,
+            scale: m.scale(),
+            dora: match &m.dora {
+                Some(d) => Some(Dora { magnitude: d.magnitude.to_device(device)?, axis: d.axis }),
+                None => None,
+            },
+        };
+        bound.push(BoundModule { layer: layer.clone(), target, patch: Arc::new(patch), scale: m.scale() });
     }
     if !unmatched.is_empty() {
         return Err(Error::LoraMismatch {
@@ -221,7 +256,10 @@ impl LoraStack {
     }
 
     /// Patches the model: every layer gets exactly the deltas of this stack (layers it does not
-    /// touch are reset to their base weights).
+    /// touch are reset to their base weights). Each module's delta is computed from the layer's
+    /// base weight, then the deltas are summed, so the stack's order does not matter, DoRA
+    /// modules included: as PEFT runs several active adapters, each DoRA normalises the base
+    /// weight plus its own update, never another LoRA's.
     pub fn apply(&self, pipe: &Pipeline) -> Result<ApplyReport> {
         self.apply_to(pipe.targets())
     }
@@ -231,11 +269,7 @@ impl LoraStack {
         let mut report = ApplyReport::default();
         for (lora, weight) in &self.loras {
             for m in &lora.modules {
-                per_layer.entry(m.target.clone()).or_default().push(MergedDelta {
-                    down: m.down.clone(),
-                    up: m.up.clone(),
-                    scale: m.scale * weight,
-                });
+                per_layer.entry(m.target.clone()).or_default().push(MergedDelta { patch: m.patch.clone(), weight: *weight });
             }
             report.entries.push(ApplyEntry {
                 name: lora.name.clone(),
@@ -262,4 +296,52 @@ fn check_weight(w: f64) -> Result<()> {
         return Err(Error::invalid(format!("LoRA weight {w} is not a finite number")));
     }
     Ok(())
+}
+
+/// Why module `m` cannot patch a layer of `kind`, naming its tensors' shapes, or `None` when
+/// its update, bias difference and DoRA magnitude all fit.
+fn misfit(m: &LoraModule, kind: LayerKind) -> Option<String> {
+    let (want_in, want_out) = (kind.in_dim(), kind.out_dim());
+    let (channels, kernel) = match kind {
+        LayerKind::Linear { in_features, .. } => (in_features, 1),
+        LayerKind::Conv2d { in_channels, kernel, .. } => (in_channels, kernel),
+    };
+    let shapes = || {
+        let parts: Vec<String> = m.keys.iter().zip(m.weights.tensors()).map(|(k, t)| format!("`{k}` {:?}", t.dims())).collect();
+        parts.join(", ")
+    };
+    let layer = match kind {
+        LayerKind::Linear { .. } => format!("maps {want_in} → {want_out} features"),
+        LayerKind::Conv2d { .. } => format!("maps {channels} → {want_out} channels with a {kernel}×{kernel} kernel ({want_in} inputs per output)"),
+    };
+    if let Some(d) = m.weights.update_dims() {
+        let fits = if d.len() == 4 {
+            d[0] == want_out && d[1] == channels && d[2] == kernel && d[3] == kernel
+        } else {
+            d[0] == want_out && d[1..].iter().product::<usize>() == want_in
+        };
+        if !fits {
+            let inputs: usize = d[1..].iter().product();
+            let what = match (m.algorithm(), m.weights.has_tucker()) {
+                (super::Algorithm::Lora, false) => format!("the LoRA's matrices ({}) map {inputs} → {}", shapes(), d[0]),
+                (a, _) => format!("the {a} tensors ({}) make a {d:?} update", shapes()),
+            };
+            return Some(format!("{layer}, but {what}"));
+        }
+    }
+    if let Some(n) = m.weights.bias_len()
+        && n != want_out
+    {
+        return Some(format!("has {want_out} outputs, but the bias difference ({}) has {n}", shapes()));
+    }
+    if let Some(dora) = &m.dora {
+        let (n, axis, want) = match dora.axis {
+            DoraAxis::Output => (dora.magnitude.elem_count(), "output", want_out),
+            DoraAxis::Input => (dora.magnitude.elem_count(), "input", channels),
+        };
+        if n != want {
+            return Some(format!("has {want} {axis} channels, but the DoRA magnitude has {n} values"));
+        }
+    }
+    None
 }

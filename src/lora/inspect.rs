@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use super::keys::Component;
 use super::apply::probable_family;
-use super::LoraFile;
+use super::{AdapterWeights, Algorithm, DoraAxis, KronHalf, LoraFile};
 
 /// Metadata keys that say how a LoRA was made, shown first.
 const KNOWN_METADATA: &[&str] = &[
@@ -58,13 +58,89 @@ fn layer_kind(name: &str) -> &'static str {
     KINDS.iter().find(|(tail, _)| flat.ends_with(tail)).map(|(_, k)| *k).unwrap_or("other")
 }
 
+/// What an algorithm is, in a few words.
+fn algorithm_words(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::Lora => "low-rank pair",
+        Algorithm::LoHa => "Hadamard product of two low-rank pairs",
+        Algorithm::LoKr => "Kronecker product",
+        Algorithm::Full => "full-weight difference",
+    }
+}
+
+/// A LoKr half's shape and form: `[8, 8] whole`, `[8, 16] rank 2`, `[8, 8, 3, 3] Tucker rank 2`.
+fn half_words(h: &KronHalf) -> String {
+    match h {
+        KronHalf::Full(_) => format!("{:?} whole", h.dims()),
+        KronHalf::Product { .. } => format!("{:?} rank {}", h.dims(), h.rank().unwrap_or(0)),
+        KronHalf::Tucker { .. } => format!("{:?} Tucker rank {}", h.dims(), h.rank().unwrap_or(0)),
+    }
+}
+
+/// `a ×3, b ×1`, most frequent first, at most `max` items.
+fn counted(items: impl IntoIterator<Item = String>, max: usize) -> String {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for i in items {
+        *counts.entry(i).or_default() += 1;
+    }
+    let mut v: Vec<(String, usize)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let more = v.len().saturating_sub(max);
+    let mut out: Vec<String> = v.into_iter().take(max).map(|(k, n)| format!("{k} ×{n}")).collect();
+    if more > 0 {
+        out.push(format!("{more} more"));
+    }
+    out.join(", ")
+}
+
 pub fn summary(lora: &LoraFile) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "file:        {}", lora.path.display());
     let _ = writeln!(s, "format:      {}", lora.format);
+    let mut by_algorithm: BTreeMap<Algorithm, (usize, usize)> = BTreeMap::new();
+    for m in &lora.modules {
+        let e = by_algorithm.entry(m.algorithm()).or_default();
+        e.0 += 1;
+        e.1 += usize::from(m.weights.has_tucker());
+    }
+    let algorithms: Vec<String> = by_algorithm
+        .iter()
+        .map(|(a, (n, tucker))| {
+            let cores = if *tucker > 0 { format!(", {tucker} with a Tucker core") } else { String::new() };
+            format!("{a} ({}) ×{n}{cores}", algorithm_words(*a))
+        })
+        .collect();
+    let _ = writeln!(s, "algorithm:   {}", algorithms.join("; "));
+    let dora: Vec<&super::Dora> = lora.modules.iter().filter_map(|m| m.dora.as_ref()).collect();
+    if !dora.is_empty() {
+        let axes = counted(
+            dora.iter().map(|d| match d.axis {
+                DoraAxis::Output => "per output channel".to_string(),
+                DoraAxis::Input => "per input channel".to_string(),
+            }),
+            2,
+        );
+        let _ = writeln!(s, "DoRA:        magnitudes on {} of {} modules ({axes}); norms recomputed from the merged weight", dora.len(), lora.modules.len());
+    }
     let _ = writeln!(s, "tensors:     {} ({} modules)", lora.tensor_count, lora.modules.len());
     let ranks = lora.ranks();
-    let _ = writeln!(s, "rank:        {}", ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", "));
+    let unranked = lora.modules.iter().filter(|m| m.rank().is_none()).count();
+    let mut rank_line: Vec<String> = ranks.iter().map(|r| r.to_string()).collect();
+    if unranked > 0 {
+        rank_line.push(format!("none on {unranked} modules (whole LoKr halves or full diffs)"));
+    }
+    let _ = writeln!(s, "rank:        {}", rank_line.join(", "));
+    let kron: Vec<String> = lora
+        .modules
+        .iter()
+        .filter_map(|m| match &m.weights {
+            AdapterWeights::Kronecker { w1, w2 } => Some(format!("w1 {} ⊗ w2 {}", half_words(w1), half_words(w2))),
+            _ => None,
+        })
+        .collect();
+    if !kron.is_empty() {
+        let _ = writeln!(s, "factors:     {}", counted(kron, 4));
+    }
     let mut alphas: Vec<String> = lora
         .modules
         .iter()
@@ -76,7 +152,17 @@ pub fn summary(lora: &LoraFile) -> String {
     let mut scales: Vec<String> = lora.modules.iter().map(|m| format!("{:.4}", m.scale())).collect();
     scales.sort();
     scales.dedup();
-    let _ = writeln!(s, "scale:       {} (alpha / rank)", scales.join(", "));
+    let mut rules = Vec::new();
+    if lora.modules.iter().any(|m| m.rank().is_some()) {
+        rules.push("alpha / rank");
+    }
+    if lora.modules.iter().any(|m| m.algorithm() == Algorithm::LoKr && m.rank().is_none()) {
+        rules.push("1 for whole LoKr halves, alpha unused");
+    }
+    if lora.modules.iter().any(|m| m.algorithm() == Algorithm::Full) {
+        rules.push("1 for full diffs");
+    }
+    let _ = writeln!(s, "scale:       {} ({})", scales.join(", "), rules.join("; "));
     let family = probable_family(lora).map(|f| f.to_string()).unwrap_or_else(|| "unknown".into());
     let _ = writeln!(s, "base family: {family} (probable, from the layer widths)");
     let mut by_component: BTreeMap<Component, BTreeMap<&str, usize>> = BTreeMap::new();

@@ -6,6 +6,11 @@
 //! | diffusers | `unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight` |
 //! | PEFT      | `base_model.model.down_blocks.0….to_q.lora_A.weight` (alpha in adapter_config.json) |
 //!
+//! kohya names also carry the LyCORIS algorithms (`….hada_w1_a`, `….lokr_w1`, `….lora_mid.weight`,
+//! `….diff`) and DoRA's magnitude (`….dora_scale`); PEFT names carry DoRA's as
+//! `….lora_magnitude_vector`. Which algorithm a module uses is decided from all of its tensors
+//! together (`parse_modules` in `lora/mod.rs`).
+//!
 //! kohya names flatten the module path with `_`, which is ambiguous on its own
 //! (`down_blocks` vs `down.blocks`), so they stay [`ModuleName::Flat`] until they are matched
 //! against the model's real module list in [`super::resolve`].
@@ -45,12 +50,85 @@ impl ModuleName {
 }
 
 /// What a tensor is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Role {
     Down,
     Up,
     Alpha,
+    /// LoCon's Tucker core between down and up on a k×k convolution (`lora_mid.weight`).
+    Mid,
+    HadaW1A,
+    HadaW1B,
+    HadaW2A,
+    HadaW2B,
+    HadaT1,
+    HadaT2,
+    LokrW1,
+    LokrW1A,
+    LokrW1B,
+    LokrW2,
+    LokrW2A,
+    LokrW2B,
+    LokrT2,
+    /// A full-weight difference (LyCORIS "full").
+    Diff,
+    /// A full bias difference.
+    DiffBias,
+    /// DoRA's magnitude as kohya and LyCORIS write it (`[out, 1, …]` or `[1, in, …]`).
+    DoraScale,
+    /// DoRA's magnitude as PEFT writes it (`[out]`, or `[1, out, 1, 1]` for convolutions).
+    Magnitude,
 }
+
+impl Role {
+    /// The kohya/LyCORIS suffix of this role (after the module name and a dot).
+    pub fn kohya_suffix(&self) -> &'static str {
+        KOHYA_SUFFIXES.iter().find(|(_, r)| r == self).map(|(s, _)| *s).expect("every role has a kohya suffix")
+    }
+}
+
+/// The tensors kohya sd-scripts and LyCORIS write after a module's flattened name.
+const KOHYA_SUFFIXES: &[(&str, Role)] = &[
+    ("lora_down.weight", Role::Down),
+    ("lora_up.weight", Role::Up),
+    ("alpha", Role::Alpha),
+    ("lora_mid.weight", Role::Mid),
+    ("hada_w1_a", Role::HadaW1A),
+    ("hada_w1_b", Role::HadaW1B),
+    ("hada_w2_a", Role::HadaW2A),
+    ("hada_w2_b", Role::HadaW2B),
+    ("hada_t1", Role::HadaT1),
+    ("hada_t2", Role::HadaT2),
+    ("lokr_w1", Role::LokrW1),
+    ("lokr_w1_a", Role::LokrW1A),
+    ("lokr_w1_b", Role::LokrW1B),
+    ("lokr_w2", Role::LokrW2),
+    ("lokr_w2_a", Role::LokrW2A),
+    ("lokr_w2_b", Role::LokrW2B),
+    ("lokr_t2", Role::LokrT2),
+    ("diff", Role::Diff),
+    ("diff_b", Role::DiffBias),
+    ("dora_scale", Role::DoraScale),
+    ("lora_magnitude_vector", Role::Magnitude),
+];
+
+/// Tensors of adapter types loragate does not apply, by the suffix they end in, with the reason
+/// given to the user. Refused by name, so that a file of such an adapter is never mistaken for
+/// something else or applied in part.
+const REFUSED: &[(&str, &str)] = &[
+    ("on_input", "LyCORIS IA³ (`weight` and `on_input`: learned per-channel scales of activations)"),
+    ("a1.weight", "LyCORIS GLoRA (`a1`/`a2`/`b1`/`b2`: a generalised LoRA with its own bias path)"),
+    ("a2.weight", "LyCORIS GLoRA (`a1`/`a2`/`b1`/`b2`: a generalised LoRA with its own bias path)"),
+    ("b1.weight", "LyCORIS GLoRA (`a1`/`a2`/`b1`/`b2`: a generalised LoRA with its own bias path)"),
+    ("b2.weight", "LyCORIS GLoRA (`a1`/`a2`/`b1`/`b2`: a generalised LoRA with its own bias path)"),
+    ("bm.weight", "LyCORIS GLoRA (`a1`/`a2`/`b1`/`b2`: a generalised LoRA with its own bias path)"),
+    ("oft_blocks", "OFT/BOFT (orthogonal finetuning: a rotation of the weight, not an added delta)"),
+    ("oft_diag", "OFT/BOFT (orthogonal finetuning: a rotation of the weight, not an added delta)"),
+    ("rescale", "OFT/BOFT (orthogonal finetuning: a rotation of the weight, not an added delta)"),
+    ("w_norm", "LyCORIS norm-layer training (`w_norm`/`b_norm`: GroupNorm and LayerNorm weights)"),
+    ("b_norm", "LyCORIS norm-layer training (`w_norm`/`b_norm`: GroupNorm and LayerNorm weights)"),
+    ("lokr_t1", "a LoKr Tucker core on the first half (`lokr_t1`), which LyCORIS never writes"),
+];
 
 /// A key's format family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -63,7 +141,7 @@ pub enum KeyStyle {
 /// Why a key could not be parsed, in words a user can act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyProblem {
-    /// A LyCORIS/DoRA variant this tool does not apply (it must not be silently skipped).
+    /// An adapter type this tool does not apply (it must not be silently skipped).
     Unsupported(&'static str),
     /// Not a LoRA tensor name at all.
     Unknown,
@@ -79,23 +157,6 @@ pub struct ParsedKey {
 
 /// Parses one tensor name.
 pub fn parse_key(key: &str) -> Result<ParsedKey, KeyProblem> {
-    for (marker, what) in [
-        ("hada_w1", "LyCORIS LoHa"),
-        ("hada_w2", "LyCORIS LoHa"),
-        ("lokr_w1", "LyCORIS LoKr"),
-        ("lokr_w2", "LyCORIS LoKr"),
-        ("lora_mid", "LyCORIS LoCon with CP decomposition (lora_mid)"),
-        ("dora_scale", "DoRA"),
-        ("lora_magnitude_vector", "DoRA"),
-        ("oft_blocks", "OFT"),
-    ] {
-        if key.contains(marker) {
-            return Err(KeyProblem::Unsupported(what));
-        }
-    }
-    if key.starts_with("lora_") && (key.ends_with(".diff") || key.ends_with(".diff_b")) {
-        return Err(KeyProblem::Unsupported("a full-weight difference (LyCORIS `diff`)"));
-    }
     if let Some(rest) = key.strip_prefix("lora_") {
         return parse_kohya(rest);
     }
@@ -115,12 +176,14 @@ fn parse_kohya(rest: &str) -> Result<ParsedKey, KeyProblem> {
         return Err(KeyProblem::Unknown);
     };
     let (flat, suffix) = flat_and_suffix.split_once('.').ok_or(KeyProblem::Unknown)?;
-    let role = match suffix {
-        "lora_down.weight" => Role::Down,
-        "lora_up.weight" => Role::Up,
-        "alpha" => Role::Alpha,
-        _ => return Err(KeyProblem::Unknown),
-    };
+    if let Some((_, what)) = REFUSED.iter().find(|(s, _)| *s == suffix) {
+        return Err(KeyProblem::Unsupported(what));
+    }
+    // IA³ writes its scales as `<module>.weight`, which no other kohya-named tensor is.
+    if suffix == "weight" {
+        return Err(KeyProblem::Unsupported(REFUSED[0].1));
+    }
+    let role = KOHYA_SUFFIXES.iter().find(|(s, _)| *s == suffix).map(|(_, r)| *r).ok_or(KeyProblem::Unknown)?;
     if flat.is_empty() {
         return Err(KeyProblem::Unknown);
     }
@@ -129,7 +192,7 @@ fn parse_kohya(rest: &str) -> Result<ParsedKey, KeyProblem> {
 
 fn parse_dotted(key: &str) -> Result<ParsedKey, KeyProblem> {
     // Role suffixes, longest first.
-    let suffixes: [(&str, Role, KeyStyle); 12] = [
+    let suffixes: [(&str, Role, KeyStyle); 16] = [
         (".lora_linear_layer.down.weight", Role::Down, KeyStyle::Diffusers),
         (".lora_linear_layer.up.weight", Role::Up, KeyStyle::Diffusers),
         (".lora.down.weight", Role::Down, KeyStyle::Diffusers),
@@ -142,11 +205,15 @@ fn parse_dotted(key: &str) -> Result<ParsedKey, KeyProblem> {
         (".lora_B.weight", Role::Up, KeyStyle::Peft),
         (".alpha", Role::Alpha, KeyStyle::Diffusers),
         (".lora.alpha", Role::Alpha, KeyStyle::Diffusers),
+        // DoRA's magnitude: PEFT saves it without `.weight` (and loads both).
+        (".lora_magnitude_vector.default.weight", Role::Magnitude, KeyStyle::Peft),
+        (".lora_magnitude_vector.weight", Role::Magnitude, KeyStyle::Peft),
+        (".lora_magnitude_vector.default", Role::Magnitude, KeyStyle::Peft),
+        (".lora_magnitude_vector", Role::Magnitude, KeyStyle::Peft),
     ];
-    let (path, role, style) = suffixes
-        .iter()
-        .find_map(|(s, r, st)| key.strip_suffix(s).map(|p| (p, *r, *st)))
-        .ok_or(KeyProblem::Unknown)?;
+    let Some((path, role, style)) = suffixes.iter().find_map(|(s, r, st)| key.strip_suffix(s).map(|p| (p, *r, *st))) else {
+        return Err(dotted_lycoris(key));
+    };
     let path = path.strip_suffix(".lora").unwrap_or(path);
     let mut path = path.strip_prefix("base_model.model.").unwrap_or(path).to_string();
     let component = if let Some(r) = path.strip_prefix("unet.") {
@@ -184,12 +251,31 @@ fn parse_dotted(key: &str) -> Result<ParsedKey, KeyProblem> {
     Ok(ParsedKey { component, module: ModuleName::Dotted(path), role, style })
 }
 
+/// Why a dotted key that is no LoRA tensor was not taken: LyCORIS tensors after a dotted
+/// (PEFT or diffusers) module path are named as such, since their layouts are only known in
+/// kohya/LyCORIS naming.
+fn dotted_lycoris(key: &str) -> KeyProblem {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    let last = if last == "weight" || last == "default" { key.rsplit('.').nth(1).unwrap_or(last) } else { last };
+    if last.starts_with("hada_") {
+        KeyProblem::Unsupported("LyCORIS LoHa in a dotted (PEFT/diffusers) naming; loragate applies LoHa in kohya/LyCORIS naming (`lora_unet_<module>.hada_w1_a`)")
+    } else if last.starts_with("lokr_") {
+        KeyProblem::Unsupported("LyCORIS LoKr in a dotted (PEFT/diffusers) naming; loragate applies LoKr in kohya/LyCORIS naming (`lora_unet_<module>.lokr_w1`)")
+    } else if let Some((_, what)) = REFUSED.iter().find(|(s, _)| key.ends_with(&format!(".{s}"))) {
+        KeyProblem::Unsupported(what)
+    } else {
+        KeyProblem::Unknown
+    }
+}
+
 /// The kohya flattening of a dotted module path.
 pub fn flatten(path: &str) -> String {
     path.replace('.', "_")
 }
 
-/// Writes a module's key in a format, for exporters and round-trip tests.
+/// Writes a module's key in a format, for exporters and round-trip tests. Diffusers and PEFT
+/// names exist for plain LoRA and DoRA tensors; the LyCORIS algorithms are written in kohya
+/// naming only, as LyCORIS writes them.
 pub fn format_key(style: KeyStyle, component: Component, path: &str, role: Role) -> String {
     match style {
         KeyStyle::Kohya => {
@@ -198,18 +284,14 @@ pub fn format_key(style: KeyStyle, component: Component, path: &str, role: Role)
                 Component::TextEncoder => "te",
                 Component::TextEncoder2 => "te2",
             };
-            let suffix = match role {
-                Role::Down => "lora_down.weight",
-                Role::Up => "lora_up.weight",
-                Role::Alpha => "alpha",
-            };
-            format!("lora_{c}_{}.{suffix}", flatten(path))
+            format!("lora_{c}_{}.{}", flatten(path), role.kohya_suffix())
         }
         KeyStyle::Diffusers => {
             let suffix = match role {
                 Role::Down => "lora.down.weight",
                 Role::Up => "lora.up.weight",
-                Role::Alpha => "alpha",
+                Role::Magnitude => "lora_magnitude_vector",
+                other => other.kohya_suffix(),
             };
             format!("{}.{path}.{suffix}", component.prefix())
         }
@@ -217,7 +299,8 @@ pub fn format_key(style: KeyStyle, component: Component, path: &str, role: Role)
             let suffix = match role {
                 Role::Down => "lora_A.weight",
                 Role::Up => "lora_B.weight",
-                Role::Alpha => "alpha",
+                Role::Magnitude => "lora_magnitude_vector",
+                other => other.kohya_suffix(),
             };
             format!("{}.{path}.{suffix}", component.prefix())
         }

@@ -1,5 +1,7 @@
-//! LoRA files: reading the kohya, diffusers and PEFT formats, checking them, and patching a
-//! loaded pipeline with one or several of them at chosen weights.
+//! LoRA files: reading the kohya, diffusers and PEFT formats and the LyCORIS algorithms (LoHa,
+//! LoKr, LoCon with Tucker cores, full diffs) and DoRA, checking them, and patching a loaded
+//! pipeline with one or several of them at chosen weights. `docs/lora-formats.md` lists every
+//! format, algorithm and scale rule.
 //!
 //! ```no_run
 //! # use loragate::{lora::{LoraFile, LoraStack}, model::{Pipeline, locate::resolve_model}};
@@ -11,6 +13,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod algo;
+mod assemble;
 pub mod export;
 pub mod inspect;
 pub mod keys;
@@ -25,6 +29,8 @@ use crate::error::{Error, Result};
 use crate::tensors::TensorFile;
 pub use keys::{Component, KeyStyle, ModuleName};
 pub use apply::{ApplyReport, LoraStack};
+pub use algo::{AdapterWeights, Algorithm, Dora, DoraAxis, KronHalf};
+use keys::Role;
 
 /// The on-disk format of a LoRA file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,31 +53,50 @@ impl std::fmt::Display for LoraFormat {
     }
 }
 
-/// One patched module: the low-rank pair and its alpha.
+/// One patched module: its tensors by algorithm, its alpha and, for DoRA, its magnitude.
 #[derive(Debug, Clone)]
 pub struct LoraModule {
     pub component: Component,
     pub name: ModuleName,
-    /// `[rank, in]` or `[rank, in, k, k]`.
-    pub down: Tensor,
-    /// `[out, rank]` or `[out, rank, 1, 1]`.
-    pub up: Tensor,
+    pub weights: AdapterWeights,
     pub alpha: Option<f64>,
+    pub dora: Option<Dora>,
     /// The tensor names this module came from (for messages).
     pub keys: Vec<String>,
 }
 
 impl LoraModule {
-    pub fn rank(&self) -> usize {
-        self.down.dims()[0]
+    pub fn algorithm(&self) -> Algorithm {
+        self.weights.algorithm()
     }
 
-    /// alpha / rank, or 1 when the file has no alpha.
+    /// The rank alpha is divided by, where the algorithm has one (see [`AdapterWeights::rank`]).
+    pub fn rank(&self) -> Option<usize> {
+        self.weights.rank()
+    }
+
+    /// The module's own scale, before the user's weight: alpha / rank for LoRA, LoHa and a LoKr
+    /// with a factorised half (1 without alpha; an alpha of 0 means "alpha = rank", as kohya
+    /// sd-scripts and LyCORIS read it); 1 for a LoKr whose halves are both whole matrices
+    /// (LyCORIS ignores alpha there) and for a full diff.
     pub fn scale(&self) -> f64 {
-        match self.alpha {
-            Some(a) => a / self.rank() as f64,
-            None => 1.0,
+        match (self.rank(), self.alpha) {
+            (Some(r), Some(a)) if a != 0.0 => a / r as f64,
+            _ => 1.0,
         }
+    }
+
+    /// The down and up matrices of a plain LoRA module (no Tucker core, no DoRA).
+    pub fn low_rank(&self) -> Option<(&Tensor, &Tensor)> {
+        match (&self.weights, &self.dora) {
+            (AdapterWeights::LowRank { down, up, mid: None }, None) => Some((down, up)),
+            _ => None,
+        }
+    }
+
+    /// The input width of the update (`in · k · k` for convolutions), for family guesses.
+    pub fn in_features(&self) -> Option<usize> {
+        self.weights.update_dims().map(|d| d[1..].iter().product())
     }
 }
 
@@ -114,7 +139,7 @@ impl LoraFile {
     }
 
     pub fn ranks(&self) -> Vec<usize> {
-        let mut r: Vec<usize> = self.modules.iter().map(|m| m.rank()).collect();
+        let mut r: Vec<usize> = self.modules.iter().filter_map(|m| m.rank()).collect();
         r.sort_unstable();
         r.dedup();
         r
@@ -158,13 +183,6 @@ fn read_peft_config(path: &Path, metadata: &BTreeMap<String, String>) -> PeftCon
     cfg
 }
 
-#[derive(Default)]
-struct Parts {
-    down: Option<(String, Tensor)>,
-    up: Option<(String, Tensor)>,
-    alpha: Option<(String, f64)>,
-}
-
 fn parse_modules(path: &Path, file: TensorFile, hash: String, peft: PeftConfig) -> Result<LoraFile> {
     let err = |m: String| Error::lora(path, m);
     if file.tensors.is_empty() {
@@ -172,7 +190,7 @@ fn parse_modules(path: &Path, file: TensorFile, hash: String, peft: PeftConfig) 
     }
     let tensor_count = file.tensors.len();
     let mut styles = std::collections::HashSet::new();
-    let mut grouped: BTreeMap<(Component, ModuleName), Parts> = BTreeMap::new();
+    let mut grouped: BTreeMap<(Component, ModuleName), assemble::Parts> = BTreeMap::new();
     let mut unknown = Vec::new();
     for name in file.sorted_names() {
         let t = &file.tensors[name];
@@ -190,63 +208,41 @@ fn parse_modules(path: &Path, file: TensorFile, hash: String, peft: PeftConfig) 
             return Err(err(format!("tensor `{name}` is not a floating-point tensor")));
         }
         check_finite(t).map_err(|bad| err(format!("tensor `{name}` contains {bad}")))?;
+        if t.elem_count() == 0 {
+            return Err(err(format!("tensor `{name}` is empty (shape {:?})", t.dims())));
+        }
         styles.insert(parsed.style);
         let parts = grouped.entry((parsed.component, parsed.module)).or_default();
-        let slot_taken = match parsed.role {
-            keys::Role::Down => parts.down.replace((name.to_string(), t.clone())).is_some(),
-            keys::Role::Up => parts.up.replace((name.to_string(), t.clone())).is_some(),
-            keys::Role::Alpha => {
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                if v.len() != 1 {
-                    return Err(err(format!("alpha `{name}` has {} values, expected one", v.len())));
-                }
-                parts.alpha.replace((name.to_string(), v[0] as f64)).is_some()
-            }
-        };
-        if slot_taken {
+        if parsed.role == Role::Alpha && t.elem_count() != 1 {
+            return Err(err(format!("alpha `{name}` has {} values, expected one", t.elem_count())));
+        }
+        if parts.insert(parsed.role, (name.to_string(), t.clone())).is_some() {
             return Err(err(format!("tensor `{name}` names a module whose matrices appear twice")));
         }
     }
     if !unknown.is_empty() {
         return Err(err(format!(
-            "{} of {tensor_count} tensors are not LoRA tensors of any known format (kohya, diffusers, PEFT): {}",
+            "{} of {tensor_count} tensors are not LoRA tensors of any known format (kohya, diffusers, PEFT, LyCORIS): {}",
             unknown.len(),
             preview(&unknown)
         )));
     }
     let mut modules = Vec::with_capacity(grouped.len());
-    for ((component, name), parts) in grouped {
-        let (down_key, down) = parts
-            .down
-            .ok_or_else(|| err(format!("module `{}` has an up matrix but no down matrix", name.as_str())))?;
-        let (up_key, up) =
-            parts.up.ok_or_else(|| err(format!("module `{}` has a down matrix but no up matrix", name.as_str())))?;
-        if down.rank() < 2 || up.rank() < 2 {
-            return Err(err(format!(
-                "module `{}`: matrices must have at least 2 dimensions, got {:?} and {:?}",
-                name.as_str(),
-                down.dims(),
-                up.dims()
-            )));
-        }
-        let rank = down.dims()[0];
-        if up.dims()[1] != rank || rank == 0 {
-            return Err(err(format!(
-                "module `{}`: down {:?} and up {:?} disagree on the rank",
-                name.as_str(),
-                down.dims(),
-                up.dims()
-            )));
-        }
-        let mut keys = vec![down_key, up_key];
-        let alpha = match parts.alpha {
+    for ((component, name), mut parts) in grouped {
+        let alpha = match parts.remove(&Role::Alpha) {
+            Some((k, t)) => Some((k, t.flatten_all()?.to_vec1::<f32>()?[0] as f64)),
+            None => None,
+        };
+        let built = assemble::assemble(name.as_str(), &parts).map_err(err)?;
+        let mut keys: Vec<String> = parts.into_values().map(|(k, _)| k).collect();
+        let alpha = match alpha {
             Some((k, a)) => {
                 keys.push(k);
                 Some(a)
             }
-            None => peft_alpha(&peft, name.as_str(), rank),
+            None => peft_alpha(&peft, name.as_str()),
         };
-        modules.push(LoraModule { component, name, down, up, alpha, keys });
+        modules.push(LoraModule { component, name, weights: built.weights, alpha, dora: built.dora, keys });
     }
     let format = if styles.len() > 1 {
         LoraFormat::Mixed
@@ -260,7 +256,7 @@ fn parse_modules(path: &Path, file: TensorFile, hash: String, peft: PeftConfig) 
     Ok(LoraFile { path: path.to_path_buf(), format, modules, metadata: file.metadata, tensor_count, hash })
 }
 
-fn peft_alpha(cfg: &PeftConfig, module: &str, _rank: usize) -> Option<f64> {
+fn peft_alpha(cfg: &PeftConfig, module: &str) -> Option<f64> {
     for (pattern, a) in &cfg.alpha_pattern {
         if module.ends_with(pattern.as_str()) || module.contains(pattern.as_str()) {
             return Some(*a);

@@ -32,8 +32,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// A linear layer whose weight can carry LoRA patches.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The weight and bias, each with the merged adapters' deltas.
     layer: Arc<AdaptableLayer>,
-    bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -44,9 +44,10 @@ impl Linear {
             p.prefix().to_string(),
             LayerKind::Linear { in_features, out_features },
             weight,
+            bias,
         );
         p.register(layer.clone());
-        Ok(Linear { layer, bias })
+        Ok(Linear { layer })
     }
 
     pub fn layer(&self) -> &Arc<AdaptableLayer> {
@@ -62,7 +63,7 @@ impl Linear {
     /// equal outputs for the same input.
     pub fn frozen_weight_id(&self) -> Option<candle_core::TensorId> {
         let w = self.layer.effective_weight();
-        let frozen = !w.track_op() && self.bias.as_ref().is_none_or(|b| !b.track_op());
+        let frozen = !w.track_op() && self.layer.effective_bias().as_ref().is_none_or(|b| !b.track_op());
         (frozen && self.layer.live_adapters().is_empty()).then(|| w.id())
     }
 
@@ -78,9 +79,10 @@ impl Linear {
 
     fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
         let w = self.layer.effective_weight();
+        let bias = self.layer.effective_bias();
         let live = self.layer.live_adapters();
         let frozen = |t: &Tensor| !t.track_op() && fused_cpu(t);
-        let frozen_base = fused_cpu(x) && frozen(&w) && w.is_contiguous() && self.bias.as_ref().is_none_or(frozen);
+        let frozen_base = fused_cpu(x) && frozen(&w) && w.is_contiguous() && bias.as_ref().is_none_or(frozen);
         if frozen_base && live.is_empty() && !x.track_op() && residual.is_none_or(frozen) {
             // Inference: one pass over the gemm's output for bias, GEGLU or residual.
             let x = if x.is_contiguous() { x.clone() } else { x.contiguous()? };
@@ -88,7 +90,7 @@ impl Linear {
                 Some(r) if !r.is_contiguous() => Some(r.contiguous()?),
                 r => r.cloned(),
             };
-            let op = crate::model::fused::LinearCpu { weight: w, bias: self.bias.clone(), residual, geglu };
+            let op = crate::model::fused::LinearCpu { weight: w, bias, residual, geglu };
             return Ok(x.apply_op1_no_bwd(&op)?);
         }
         let dims = x.dims().to_vec();
@@ -98,10 +100,10 @@ impl Linear {
         let mut y = if frozen_base {
             // Training: the frozen base product differentiates only to its input.
             let x2 = if x2.is_contiguous() { x2.clone() } else { x2.contiguous()? };
-            x2.apply_op1(crate::model::fused::LinearCpu { weight: w.clone(), bias: self.bias.clone(), residual: None, geglu: false })?
+            x2.apply_op1(crate::model::fused::LinearCpu { weight: w.clone(), bias, residual: None, geglu: false })?
         } else {
             let y = matmul(&x2, &w.t()?)?;
-            match &self.bias {
+            match &bias {
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             }
@@ -127,8 +129,8 @@ impl Linear {
 /// A 2-D convolution (square kernel, symmetric padding) whose weight can carry LoRA patches.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// The weight and bias, each with the merged adapters' deltas.
     layer: Arc<AdaptableLayer>,
-    bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
     /// The effective weight with its fast CPU kernel layouts, replaced when the weight is (a
@@ -153,9 +155,10 @@ impl Conv2d {
             p.prefix().to_string(),
             LayerKind::Conv2d { in_channels, out_channels, kernel },
             weight,
+            bias,
         );
         p.register(layer.clone());
-        Ok(Conv2d { layer, bias, stride, padding, frozen: Default::default() })
+        Ok(Conv2d { layer, stride, padding, frozen: Default::default() })
     }
 
     pub fn layer(&self) -> &Arc<AdaptableLayer> {
@@ -176,9 +179,10 @@ impl Conv2d {
     /// needed on the CPU, and applied as separate (differentiable) ops otherwise.
     pub fn forward_with(&self, x: &Tensor, extras: ConvExtras<'_>) -> Result<Tensor> {
         let w = self.layer.effective_weight();
+        let bias = self.layer.effective_bias();
         let live = self.layer.live_adapters();
         if live.is_empty() && !x.track_op() && fused_cpu(x) {
-            let y = crate::model::conv::conv2d_inference(x, &self.frozen_kernel(&w), self.bias.as_ref(), self.padding, self.stride, extras)?;
+            let y = crate::model::conv::conv2d_inference(x, &self.frozen_kernel(&w), bias.as_ref(), self.padding, self.stride, extras)?;
             if let Some(y) = y {
                 return Ok(y);
             }
@@ -194,11 +198,11 @@ impl Conv2d {
         // Training: a frozen kernel differentiates to its input only, with the bias and an
         // untracked time embedding folded into its output pass.
         let channel_add = extras.channel_add.filter(|t| !t.track_op());
-        let (mut y, add_done) = match crate::model::conv::conv2d_frozen(&x, &self.frozen_kernel(&w), self.bias.as_ref(), channel_add, self.padding, self.stride)? {
+        let (mut y, add_done) = match crate::model::conv::conv2d_frozen(&x, &self.frozen_kernel(&w), bias.as_ref(), channel_add, self.padding, self.stride)? {
             Some(y) => (y, channel_add.is_some()),
             None => {
                 let mut y = conv2d(&x, &w, self.padding, self.stride)?;
-                if let Some(b) = &self.bias {
+                if let Some(b) = &bias {
                     y = y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?;
                 }
                 (y, false)

@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(kept(&attn), [other.id(), third.id()]);
         // A LoRA merged into to_k makes a new weight: the cached keys are not used.
         attn.forward(&x, Some(&ctx)).unwrap();
-        let delta = MergedDelta { down: randn(&[2, 6], 5), up: randn(&[8, 2], 6), scale: 1.0 };
+        let delta = MergedDelta::low_rank(randn(&[2, 6], 5), randn(&[8, 2], 6), 1.0);
         attn.to_k.layer().set_merged(vec![delta]).unwrap();
         let merged = attn.forward(&x, Some(&ctx)).unwrap();
         assert!(!same(&first, &merged));
