@@ -940,7 +940,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     walk(dir).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect()
 }
 
-/// README "Caching": an unchanged re-run loads no pipeline (counted, not inferred from
+/// docs/checks-and-verdicts.md, "Caching": an unchanged re-run loads no pipeline (counted, not inferred from
 /// "0 generated"); a damaged cached image is a miss that is regenerated and rewritten;
 /// `--no-cache` neither reads the cache (valid entries with other pixels are ignored) nor
 /// writes it (not even the file-hash memo).
@@ -986,7 +986,7 @@ fn the_cache_regenerates_damaged_images_and_no_cache_reads_and_writes_nothing() 
     assert_ne!(images(), original);
 }
 
-/// README "GPU": a device or dtype this build or this CPU cannot run is refused before any
+/// docs/gpu.md: a device or dtype this build or this CPU cannot run is refused before any
 /// work, with what to do, and exit code 2.
 #[test]
 fn a_device_or_dtype_the_build_cannot_run_exits_2_with_the_documented_message() {
@@ -1003,7 +1003,7 @@ fn a_device_or_dtype_the_build_cannot_run_exits_2_with_the_documented_message() 
         eprintln!("SKIPPED: --device cuda from a CPU-only build (this test binary was built with the cuda feature)");
     } else {
         for args in [vec!["suite", s, "--device", "cuda"], vec!["generate", "x", "--device", "cuda:1"]] {
-            refused(&args, "asked for, but this loragate was built without CUDA (rebuild with `--features cuda`, see README \"GPU\")");
+            refused(&args, "asked for, but this loragate was built without CUDA (rebuild with `--features cuda`, see docs/gpu.md)");
         }
     }
     for dtype in ["f16", "bf16"] {
