@@ -902,6 +902,16 @@ fn identity_and_aesthetic_scorers_measure_and_are_named_everywhere() {
     assert_eq!(scores["scorers"]["effect"], "pixels");
     assert!(scores["scorer"].as_str().unwrap().contains(" · identity ") && scores["scorer"].as_str().unwrap().contains(" · aesthetic "), "{scores}");
     assert!(scores["measurements"].as_array().unwrap().iter().any(|m| m["metric"] == "aesthetic"), "{scores}");
+    assert!(out.contains("models loaded: 1 pipelines, 3 scorers"), "CLIP, DINOv2 and the predictor: {out}");
+    // Unchanged, it reads no model: embeddings of images and references and the aesthetic
+    // scores come from the cache, and measure the same.
+    let again = p.run(&["suite", suite.to_str().unwrap()]);
+    assert!(text(&again).contains("(0 generated, 4 cached) · models loaded: 0 pipelines, 0 scorers"), "{}", text(&again));
+    let rerun = p.junit("scorers");
+    for name in ["identity_mean", "aesthetic_min"] {
+        let value = |junit: &str| junit.find(&format!("{name}=")).map(|at| junit[at..].split_whitespace().next().unwrap().to_string());
+        assert!(value(&junit).is_some() && value(&junit) == value(&rerun), "{name}: {:?} then {:?}", value(&junit), value(&rerun));
+    }
 
     // The same images scored for identity by CLIP give other numbers: DINOv2 really measured.
     let metric = |junit: &str, name: &str| -> f64 {
@@ -940,7 +950,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     walk(dir).into_iter().map(|f| (f.clone(), std::fs::read(&f).unwrap())).collect()
 }
 
-/// docs/checks-and-verdicts.md, "Caching": an unchanged re-run loads no pipeline (counted, not inferred from
+/// docs/checks-and-verdicts.md, "Caching": an unchanged re-run loads no model (counted, not inferred from
 /// "0 generated"); a damaged cached image is a miss that is regenerated and rewritten;
 /// `--no-cache` neither reads the cache (valid entries with other pixels are ignored) nor
 /// writes it (not even the file-hash memo).
@@ -951,21 +961,26 @@ fn the_cache_regenerates_damaged_images_and_no_cache_reads_and_writes_nothing() 
     let suite = p.write("suites/c.yaml", &suite_yaml("c", &zorb(), ""));
     let s = suite.to_str().unwrap();
     let images = || ["main-s0.png", "main-s0.control.png"].map(|f| read_image(&p.dir.join("out/c/images/center").join(f)).unwrap());
-    let loaded = || -> serde_json::Value { serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p.dir.join("out/c/outcome.json")).unwrap()).unwrap()["pipelines_loaded"].clone() };
+    let loaded = || -> [serde_json::Value; 2] {
+        let o = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(p.dir.join("out/c/outcome.json")).unwrap()).unwrap();
+        [o["pipelines_loaded"].clone(), o["scorers_loaded"].clone()]
+    };
     let first = p.run(&["suite", s]);
     assert_eq!(code(&first), 0, "{}", text(&first));
-    assert!(text(&first).contains("(2 generated, 0 cached) · pipelines loaded: 1"), "{}", text(&first));
+    assert!(text(&first).contains("(2 generated, 0 cached) · models loaded: 1 pipelines, 1 scorers"), "{}", text(&first));
+    assert_eq!(loaded(), [1, 1]);
     let original = images();
 
     let second = p.run(&["suite", s]);
-    assert!(text(&second).contains("(0 generated, 2 cached) · pipelines loaded: 0"), "{}", text(&second));
-    assert_eq!(loaded(), 0, "outcome.json counts the pipelines loaded");
+    assert!(text(&second).contains("(0 generated, 2 cached) · models loaded: 0 pipelines, 0 scorers"), "{}", text(&second));
+    assert_eq!(loaded(), [0, 0], "outcome.json counts the models loaded");
 
     let cached = walk(&p.dir.join(".cache/images"));
     assert_eq!(cached.len(), 2, "{cached:?}");
     std::fs::write(&cached[0], b"\x89PNG\r\n\x1a\n truncated").unwrap();
     let third = p.run(&["suite", s]);
-    assert!(text(&third).contains("(1 generated, 1 cached) · pipelines loaded: 1"), "{}", text(&third));
+    // The regenerated image has the key, so the embedding, of the one it replaces.
+    assert!(text(&third).contains("(1 generated, 1 cached) · models loaded: 1 pipelines, 0 scorers"), "{}", text(&third));
     assert!(read_image(&cached[0]).is_ok(), "the damaged entry is rewritten");
     assert_eq!(images(), original, "the regenerated image is the one the cache held");
 
@@ -977,12 +992,12 @@ fn the_cache_regenerates_damaged_images_and_no_cache_reads_and_writes_nothing() 
     }
     let before = snapshot(&p.dir.join(".cache"));
     let fourth = p.run(&["suite", s, "--no-cache"]);
-    assert!(text(&fourth).contains("(2 generated, 0 cached) · pipelines loaded: 1"), "{}", text(&fourth));
+    assert!(text(&fourth).contains("(2 generated, 0 cached) · models loaded: 1 pipelines, 1 scorers"), "{}", text(&fourth));
     assert_eq!(images(), original, "--no-cache generated every image instead of reading the cache");
     assert!(snapshot(&p.dir.join(".cache")) == before, "--no-cache wrote into the cache folder");
     // The inverted entries are hits without --no-cache: the run above ignored valid entries.
     let fifth = p.run(&["suite", s]);
-    assert!(text(&fifth).contains("(0 generated, 2 cached) · pipelines loaded: 0"), "{}", text(&fifth));
+    assert!(text(&fifth).contains("(0 generated, 2 cached) · models loaded: 0 pipelines, 0 scorers"), "{}", text(&fifth));
     assert_ne!(images(), original);
 }
 

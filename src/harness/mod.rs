@@ -154,6 +154,10 @@ pub struct SuiteOutcome {
     /// cache (outcomes written before this was recorded read as 0).
     #[serde(default)]
     pub pipelines_loaded: usize,
+    /// Scorer models (CLIP, DINOv2, the aesthetic predictor) that read their weights: 0 on an
+    /// unchanged re-run, whose embeddings and scores all come from the cache.
+    #[serde(default)]
+    pub scorers_loaded: usize,
     pub timings: Timings,
     /// Files written under `baselines/` (pending, or over the baselines with `always`).
     pub pending: Vec<PathBuf>,
@@ -319,12 +323,14 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
     timings.generate = generation.seconds;
 
     let t = Instant::now();
-    let scorer = ClipModel::load(&suite.scorer.1, &opts.device)?;
-    let identity = suite.identity_scorer.as_ref().map(|(_, dir)| ImageEncoder::load(dir, &opts.device)).transpose()?;
+    // Opened, not loaded: each scorer reads its weights on its first embedding, so a re-run whose
+    // embeddings are all cached loads none.
+    let scorer = ClipModel::open(&suite.scorer.1, &opts.device)?;
+    let identity = suite.identity_scorer.as_ref().map(|(_, dir)| ImageEncoder::open(dir, &opts.device)).transpose()?;
     let aesthetic = match &suite.aesthetic {
         Some(a) => {
-            let predictor = AestheticModel::load(&a.predictor, &opts.device)?;
-            let clip = if a.clip.1 == suite.scorer.1 { None } else { Some(ClipModel::load(&a.clip.1, &opts.device)?) };
+            let predictor = AestheticModel::open(&a.predictor, &opts.device)?;
+            let clip = if a.clip.1 == suite.scorer.1 { None } else { Some(ClipModel::open(&a.clip.1, &opts.device)?) };
             Some((predictor, clip))
         }
         None => None,
@@ -499,6 +505,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         generated: generation.generated,
         cached: generation.cached,
         pipelines_loaded: generation.pipelines_loaded,
+        scorers_loaded: scorers.loaded(),
         timings,
         pending: written,
         stale,

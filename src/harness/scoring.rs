@@ -103,6 +103,15 @@ fn embed_images(
     Ok(images)
 }
 
+impl Scorers<'_> {
+    /// How many of its models have read their weights (an unchanged re-run, all of whose
+    /// embeddings and scores are cached, reads none).
+    pub fn loaded(&self) -> usize {
+        let aesthetic = self.aesthetic.map_or(0, |(p, clip)| p.weights_loaded() as usize + clip.is_some_and(|c| c.weights_loaded()) as usize);
+        self.text.weights_loaded() as usize + self.identity.is_some_and(|m| m.weights_loaded()) as usize + aesthetic
+    }
+}
+
 /// How many passes over the images [`embed_all`] makes (for the progress bar).
 pub fn passes(scorers: &Scorers) -> u64 {
     1 + scorers.identity.is_some() as u64 + scorers.aesthetic.is_some_and(|(_, clip)| clip.is_some()) as u64
@@ -146,34 +155,62 @@ pub fn embed_all(
         }
     }
 
+    // References by pixel content, as accepted images are: a re-run reads them but embeds none.
     let mut ref_map = HashMap::new();
+    let identity_space = match scorers.identity {
+        Some(m) => m.embedding_space()?,
+        None => text_space.clone(),
+    };
     for r in references {
         if ref_map.contains_key(r) {
             continue;
         }
-        let img = [read_image(r)?];
-        let e = match scorers.identity {
-            Some(m) => m.image_embedding_rows(&img)?,
-            None => scorers.text.image_embedding_rows(&img)?,
+        let img = read_image(r)?;
+        let key = format!("reference|{}", crate::baseline::pixel_hash(&img));
+        let e = match cached(cache, &identity_space, &key) {
+            Some(v) => v,
+            None => {
+                let img = [img];
+                let rows = match scorers.identity {
+                    Some(m) => m.image_embedding_rows(&img)?,
+                    None => scorers.text.image_embedding_rows(&img)?,
+                };
+                let e = rows.into_iter().next().expect("one image, one row");
+                cache.put_vector(&identity_space, &key, &e)?;
+                e
+            }
         };
-        ref_map.insert(r.clone(), e.into_iter().next().expect("one image, one row"));
+        ref_map.insert(r.clone(), e);
     }
 
     let aesthetic = match scorers.aesthetic {
         None => vec![None; outcomes.len()],
         Some((predictor, clip)) => {
             let own;
-            let rows = match clip {
+            let (rows, clip_space) = match clip {
                 Some(c) => {
-                    own = embed_images(outcomes, cache, &c.embedding_space()?, progress, |b| c.image_embedding_rows(b))?;
-                    &own
+                    let space = c.embedding_space()?;
+                    own = embed_images(outcomes, cache, &space, progress, |b| c.image_embedding_rows(b))?;
+                    (&own, space)
                 }
-                None => &images,
+                None => (&images, text_space.clone()),
             };
-            let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].is_some()).collect();
-            let embeddings: Vec<Vec<f32>> = present.iter().map(|&i| rows[i].clone().expect("present")).collect();
+            // Scores are cached by image under the predictor and its CLIP model, one value each.
+            let space = format!("aesthetic {} on {clip_space}", predictor.fingerprint()?);
             let mut out = vec![None; outcomes.len()];
-            for (i, s) in present.into_iter().zip(predictor.scores(&embeddings)?) {
+            let mut todo = Vec::new();
+            for (i, row) in rows.iter().enumerate() {
+                if row.is_none() {
+                    continue;
+                }
+                match cache.get_vector(&space, &outcomes[i].key).as_deref() {
+                    Some(&[s]) if s.is_finite() => out[i] = Some(s as f64),
+                    _ => todo.push(i),
+                }
+            }
+            let embeddings: Vec<Vec<f32>> = todo.iter().map(|&i| rows[i].clone().expect("present")).collect();
+            for (i, s) in todo.into_iter().zip(predictor.scores(&embeddings)?) {
+                cache.put_vector(&space, &outcomes[i].key, &[s as f32])?;
                 out[i] = Some(s);
             }
             out

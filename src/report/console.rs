@@ -49,7 +49,7 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
     let t = &o.timings;
     let _ = writeln!(
         s,
-        "\n{}: {} passed, {} to review, {} failed, {} known failures, {} skipped · {} images ({} generated, {} cached) · pipelines loaded: {} · generate {:.1}s, score {:.1}s, checks {:.1}s, baselines {:.1}s",
+        "\n{}: {} passed, {} to review, {} failed, {} known failures, {} skipped · {} images ({} generated, {} cached) · models loaded: {} pipelines, {} scorers · generate {:.1}s, score {:.1}s, checks {:.1}s, baselines {:.1}s",
         o.suite,
         o.passed(),
         o.to_review(),
@@ -60,6 +60,7 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
         o.generated,
         o.cached,
         o.pipelines_loaded,
+        o.scorers_loaded,
         t.generate,
         t.score,
         t.checks,

@@ -138,6 +138,7 @@ pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
         all.generated += p.generated;
         all.cached += p.cached;
         all.pipelines_loaded += p.pipelines_loaded;
+        all.scorers_loaded += p.scorers_loaded;
         all.timings.plan += p.timings.plan;
         all.timings.generate += p.timings.generate;
         all.timings.score += p.timings.score;

@@ -250,7 +250,7 @@ fn resolve_aesthetic(ctx: &Ctx, a: &Spanned<raw::RawAesthetic>, scorer: &(String
     if !predictor.is_file() {
         return Err(ctx.err(a, format!("aesthetic predictor `{}` not found (looked at {})", a.value.predictor, predictor.display()), Some("paths are relative to the suite file".into())));
     }
-    let model = crate::model::aesthetic::AestheticModel::load(&predictor, &crate::device::Device::Cpu).map_err(|e| ctx.err(a, e.to_string(), None))?;
+    let model = crate::model::aesthetic::AestheticModel::open(&predictor, &crate::device::Device::Cpu).map_err(|e| ctx.err(a, e.to_string(), None))?;
     let clip = match &a.value.clip {
         Some(c) => {
             let spanned = Spanned { value: c.clone(), referenced: a.referenced, defined: a.defined };

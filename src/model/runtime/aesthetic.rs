@@ -14,7 +14,9 @@ use crate::tensors::TensorFile;
 
 pub struct AestheticModel {
     pub path: PathBuf,
-    mlp: AestheticMlp,
+    mlp: super::OnFirstUse<AestheticMlp>,
+    /// The layer widths, input first (from the file's header).
+    widths: Vec<usize>,
     device: Device,
     files: super::FilesFingerprint,
 }
@@ -22,6 +24,14 @@ pub struct AestheticModel {
 impl AestheticModel {
     /// Loads the predictor; the layer widths are read from the weights' shapes.
     pub fn load(file: &Path, device: &Device) -> Result<Self> {
+        let model = Self::open(file, device)?;
+        model.mlp.get()?;
+        Ok(model)
+    }
+
+    /// Like [`AestheticModel::load`], but only the header is read now (the layout and the
+    /// widths are checked); the weights on the first score.
+    pub fn open(file: &Path, device: &Device) -> Result<Self> {
         if file.extension().is_none_or(|e| e != "safetensors") {
             return Err(Error::model(
                 file,
@@ -29,14 +39,14 @@ impl AestheticModel {
                  `python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('x.pth'), 'x.safetensors')\"`",
             ));
         }
-        let tf = TensorFile::load(file, DType::F32, device)?;
+        let (shapes, _) = crate::model::formats::single_file::read_header(file)?;
         let mut widths = Vec::new();
         for (i, k) in AestheticMlp::KEYS.iter().enumerate() {
             let key = format!("layers.{k}.weight");
-            let w = tf.tensors.get(&key).ok_or_else(|| {
+            let w = shapes.get(&key).ok_or_else(|| {
                 Error::model(file, format!("no `{key}`: not the LAION aesthetic predictor's layout (layers.0, .2, .4, .6 and .7, as in the published .pth)"))
             })?;
-            let (out, inp) = w.dims2().map_err(|_| Error::model(file, format!("`{key}` is not a matrix")))?;
+            let &[out, inp] = w.as_slice() else { return Err(Error::model(file, format!("`{key}` is not a matrix"))) };
             if i == 0 {
                 widths.push(inp);
             } else if widths[i] != inp {
@@ -44,18 +54,27 @@ impl AestheticModel {
             }
             widths.push(out);
         }
-        let store = WeightStore::from_tensors(file, tf.tensors, DType::F32, device);
-        let targets = RefCell::new(Default::default());
-        let mlp = AestheticMlp::load(&Params::root(&store, &targets), &widths).map_err(|e| match e {
-            Error::Invalid(m) => Error::model(file, m),
-            other => other,
-        })?;
-        Ok(AestheticModel { path: file.to_path_buf(), mlp, device: device.clone(), files: super::FilesFingerprint::new(vec![file.to_path_buf()]) })
+        let (f, dev, w) = (file.to_path_buf(), device.clone(), widths.clone());
+        let mlp = super::OnFirstUse::deferred(move || {
+            let tf = TensorFile::load(&f, DType::F32, &dev)?;
+            let store = WeightStore::from_tensors(&f, tf.tensors, DType::F32, &dev);
+            let targets = RefCell::new(Default::default());
+            AestheticMlp::load(&Params::root(&store, &targets), &w).map_err(|e| match e {
+                Error::Invalid(m) => Error::model(&f, m),
+                other => other,
+            })
+        });
+        Ok(AestheticModel { path: file.to_path_buf(), mlp, widths, device: device.clone(), files: super::FilesFingerprint::new(vec![file.to_path_buf()]) })
     }
 
     /// The width of the CLIP image embedding it reads.
     pub fn input_width(&self) -> usize {
-        self.mlp.input
+        self.widths[0]
+    }
+
+    /// Whether its weights have been read (an unchanged re-run reads none).
+    pub fn weights_loaded(&self) -> bool {
+        self.mlp.is_loaded()
     }
 
     pub fn fingerprint(&self) -> Result<String> {
@@ -77,6 +96,6 @@ impl AestheticModel {
         }
         let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
         let x = Tensor::from_vec(flat, (embeddings.len(), width), &Device::Cpu)?.to_device(&self.device)?;
-        Ok(self.mlp.forward(&x)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+        Ok(self.mlp.get()?.forward(&x)?.to_dtype(DType::F64)?.to_vec1::<f64>()?)
     }
 }

@@ -21,7 +21,7 @@ use crate::model::tokenizer::Tokenizer;
 pub struct ClipModel {
     pub path: PathBuf,
     pub tokenizer: Tokenizer,
-    towers: ClipTowers,
+    towers: super::OnFirstUse<ClipTowers>,
     image_size: usize,
     mean: [f32; 3],
     std: [f32; 3],
@@ -37,14 +37,26 @@ impl ClipModel {
     /// Loads a folder with `config.json` (a `CLIPModel`), weights, and a tokenizer
     /// (`tokenizer.json` or `vocab.json` + `merges.txt`); `preprocessor_config.json` is honoured.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let scorer = Self::open(dir, device)?;
+        scorer.towers.get()?;
+        Ok(scorer)
+    }
+
+    /// Like [`ClipModel::load`], but the weights are read on the first embedding: the
+    /// tokenizer, the preprocessing and the files' fingerprint (what cache keys need) now.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let cfg: ClipConfig = read_config(&dir.join("config.json"))?;
-        let mut tensors = load_component_tensors(dir, DType::F32, device)?;
-        normalize_text_encoder_keys(&mut tensors);
-        let store = WeightStore::from_tensors(dir, tensors, DType::F32, device);
         let tokenizer = Tokenizer::from_dir(dir)?;
         let mut files = weight_files(dir)?;
         files.push(dir.join("config.json"));
-        let mut scorer = Self::build(dir, &cfg, &store, tokenizer, files, device)?;
+        let (d, dev, c) = (dir.to_path_buf(), device.clone(), cfg.clone());
+        let towers = super::OnFirstUse::deferred(move || {
+            let mut tensors = load_component_tensors(&d, DType::F32, &dev)?;
+            normalize_text_encoder_keys(&mut tensors);
+            let store = WeightStore::from_tensors(&d, tensors, DType::F32, &dev);
+            Self::towers(&d, &c, &store)
+        });
+        let mut scorer = Self::assemble(dir, &cfg, towers, tokenizer, files, device);
         let pre = dir.join("preprocessor_config.json");
         if pre.is_file() {
             let v: serde_json::Value = read_config(&pre)?;
@@ -65,15 +77,19 @@ impl ClipModel {
         let cfg: ClipConfig = serde_json::from_str(config_json).map_err(|e| Error::invalid(format!("CLIP config: {e}")))?;
         let store = WeightStore::random(seed, DType::F32, device);
         let tokenizer = Tokenizer::openai_clip()?;
-        Self::build(Path::new("<random>"), &cfg, &store, tokenizer, Vec::new(), device)
+        let dir = Path::new("<random>");
+        let towers = super::OnFirstUse::ready(Self::towers(dir, &cfg, &store)?);
+        Ok(Self::assemble(dir, &cfg, towers, tokenizer, Vec::new(), device))
     }
 
-    fn build(dir: &Path, cfg: &ClipConfig, store: &WeightStore, mut tokenizer: Tokenizer, files: Vec<PathBuf>, device: &Device) -> Result<Self> {
+    fn towers(dir: &Path, cfg: &ClipConfig, store: &WeightStore) -> Result<ClipTowers> {
         let targets = RefCell::new(Default::default());
-        let p = Params::root(store, &targets);
-        let towers = ClipTowers::load(&p, cfg).map_err(|e| model_err(e, dir))?;
+        ClipTowers::load(&Params::root(store, &targets), cfg).map_err(|e| model_err(e, dir))
+    }
+
+    fn assemble(dir: &Path, cfg: &ClipConfig, towers: super::OnFirstUse<ClipTowers>, mut tokenizer: Tokenizer, files: Vec<PathBuf>, device: &Device) -> Self {
         tokenizer.context = cfg.text_config.max_position_embeddings.min(tokenizer.context);
-        Ok(ClipModel {
+        ClipModel {
             path: dir.to_path_buf(),
             tokenizer,
             towers,
@@ -83,7 +99,12 @@ impl ClipModel {
             device: device.clone(),
             files: super::FilesFingerprint::new(files),
             warnings: RefCell::new(Vec::new()),
-        })
+        }
+    }
+
+    /// Whether its weights have been read (an unchanged re-run reads none).
+    pub fn weights_loaded(&self) -> bool {
+        self.towers.is_loaded()
     }
 
     /// The side of the square images the vision tower reads.
@@ -130,7 +151,7 @@ impl ClipModel {
 
     /// L2-normalised image embeddings from preprocessed pixels.
     pub fn image_embeddings_from_pixels(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.towers.image_embeddings(pixels)
+        self.towers.get()?.image_embeddings(pixels)
     }
 
     /// L2-normalised image embeddings of 8-bit images.
@@ -141,7 +162,7 @@ impl ClipModel {
 
     /// L2-normalised text embeddings from token ids `[B, 77]`.
     pub fn text_embeddings_from_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        self.towers.text_embeddings(ids)
+        self.towers.get()?.text_embeddings(ids)
     }
 
     /// A text's token ids; a cut is recorded as a warning.

@@ -82,7 +82,7 @@ impl DinoPreprocess {
 /// A loaded DINOv2 image encoder used as a scorer.
 pub struct DinoModel {
     pub path: PathBuf,
-    model: Dinov2,
+    model: super::OnFirstUse<Dinov2>,
     pub preprocess: DinoPreprocess,
     device: Device,
     files: super::FilesFingerprint,
@@ -92,16 +92,27 @@ impl DinoModel {
     /// Loads a folder with `config.json` (a `Dinov2Model`), its weights and, when present,
     /// `preprocessor_config.json`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let scorer = Self::open(dir, device)?;
+        scorer.model.get()?;
+        Ok(scorer)
+    }
+
+    /// Like [`DinoModel::load`], but the weights are read on the first embedding: the
+    /// preprocessing and the files' fingerprint (what cache keys need) now.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
         let config: Dinov2Config = read_config(&dir.join("config.json"))?;
-        let tensors = load_component_tensors(dir, DType::F32, device)?;
-        // Dinov2Model checkpoints have no prefix; the backbone inside a classifier has `dinov2.`.
-        let tensors = tensors.into_iter().map(|(k, v)| (k.strip_prefix("dinov2.").map(str::to_string).unwrap_or(k), v)).collect();
-        let store = WeightStore::from_tensors(dir, tensors, DType::F32, device);
-        let targets = RefCell::new(Default::default());
-        let model = Dinov2::load(&Params::root(&store, &targets), &config).map_err(|e| match e {
-            Error::Invalid(m) => Error::model(dir, m),
-            other => other,
-        })?;
+        let (d, dev) = (dir.to_path_buf(), device.clone());
+        let model = super::OnFirstUse::deferred(move || {
+            let tensors = load_component_tensors(&d, DType::F32, &dev)?;
+            // Dinov2Model checkpoints have no prefix; the backbone inside a classifier has `dinov2.`.
+            let tensors = tensors.into_iter().map(|(k, v)| (k.strip_prefix("dinov2.").map(str::to_string).unwrap_or(k), v)).collect();
+            let store = WeightStore::from_tensors(&d, tensors, DType::F32, &dev);
+            let targets = RefCell::new(Default::default());
+            Dinov2::load(&Params::root(&store, &targets), &config).map_err(|e| match e {
+                Error::Invalid(m) => Error::model(&d, m),
+                other => other,
+            })
+        });
         let pre_file = dir.join("preprocessor_config.json");
         let preprocess = if pre_file.is_file() {
             DinoPreprocess::from_json(&read_config(&pre_file)?).map_err(|e| Error::model(&pre_file, e.to_string()))?
@@ -120,12 +131,17 @@ impl DinoModel {
     pub fn with_random_weights(config: &Dinov2Config, seed: u64, device: &Device) -> Result<Self> {
         let store = WeightStore::random(seed, DType::F32, device);
         let targets = RefCell::new(Default::default());
-        let model = Dinov2::load(&Params::root(&store, &targets), config)?;
+        let model = super::OnFirstUse::ready(Dinov2::load(&Params::root(&store, &targets), config)?);
         Ok(DinoModel { path: PathBuf::from("<random>"), model, preprocess: DinoPreprocess::default(), device: device.clone(), files: Default::default() })
     }
 
     pub fn fingerprint(&self) -> Result<String> {
         self.files.get()
+    }
+
+    /// Whether its weights have been read (an unchanged re-run reads none).
+    pub fn weights_loaded(&self) -> bool {
+        self.model.is_loaded()
     }
 
     /// What makes its embeddings what they are: the model files and the preprocessing (for
@@ -143,7 +159,7 @@ impl DinoModel {
 
     /// The pooled output (`pooler_output`) of preprocessed pixels, not normalised.
     pub fn pooled(&self, pixels: &Tensor) -> Result<Tensor> {
-        self.model.forward(pixels)
+        self.model.get()?.forward(pixels)
     }
 
     /// L2-normalised embeddings of 8-bit images, as plain vectors.

@@ -49,6 +49,21 @@ impl ImageEncoder {
             ImageEncoder::Dinov2(m) => m.embedding_space(),
         }
     }
+
+    /// Opens a scorer folder of either kind, its weights read on first use.
+    pub fn open(dir: &Path, device: &Device) -> Result<Self> {
+        Ok(match scorer_kind(dir)? {
+            ScorerKind::Clip => ImageEncoder::Clip(Box::new(clip::ClipModel::open(dir, device)?)),
+            ScorerKind::Dinov2 => ImageEncoder::Dinov2(Box::new(dino::DinoModel::open(dir, device)?)),
+        })
+    }
+
+    pub fn weights_loaded(&self) -> bool {
+        match self {
+            ImageEncoder::Clip(m) => m.weights_loaded(),
+            ImageEncoder::Dinov2(m) => m.weights_loaded(),
+        }
+    }
 }
 
 /// The content hash of a model's files, computed on first use and then kept: a scorer's
@@ -70,6 +85,38 @@ impl FilesFingerprint {
         }
         let h = crate::model::loading::fingerprint(&self.files)?;
         Ok(self.hash.get_or_init(|| h).clone())
+    }
+}
+
+/// A scorer's network, read from disk on first use. Scorers are opened when a run starts, but
+/// an unchanged re-run finds every embedding in the cache and never needs their weights.
+pub(crate) struct OnFirstUse<T> {
+    value: std::cell::OnceCell<T>,
+    load: Option<Box<dyn Fn() -> Result<T> + Send>>,
+}
+
+impl<T> OnFirstUse<T> {
+    /// Already loaded (models built from tensors in memory).
+    pub(crate) fn ready(value: T) -> Self {
+        OnFirstUse { value: value.into(), load: None }
+    }
+
+    pub(crate) fn deferred(load: impl Fn() -> Result<T> + Send + 'static) -> Self {
+        OnFirstUse { value: Default::default(), load: Some(Box::new(load)) }
+    }
+
+    /// The value, loading it now if this is the first use. A failed load is tried again next time.
+    pub(crate) fn get(&self) -> Result<&T> {
+        if let Some(v) = self.value.get() {
+            return Ok(v);
+        }
+        let load = self.load.as_ref().expect("a value that is not ready has its loader");
+        let v = load()?;
+        Ok(self.value.get_or_init(|| v))
+    }
+
+    pub(crate) fn is_loaded(&self) -> bool {
+        self.value.get().is_some()
     }
 }
 
