@@ -5,7 +5,8 @@
 //! Latents are encoded once: every image is fitted to its bucket at each training resolution,
 //! `augment_variants` augmented copies are drawn (seeded per image, bucket and copy, so the
 //! cache does not depend on the order of work) and encoded by the VAE; a step picks one copy.
-//! Text encodings are cached by caption string.
+//! Text encodings are cached by caption string. For SDXL, each sample also carries its
+//! caption's pooled embedding and its size ids (source size, crop corner, bucket size).
 
 use std::collections::HashMap;
 use std::time::Instant;
