@@ -1,7 +1,8 @@
 //! Full-size training proven against PEFT + diffusers: one LoRA training step of SD 1.5's and
-//! SDXL's UNets (the published configs, random weights, batch 1, at the smallest size where
-//! the mid block's self-attention sees more than one token: 128 px for SD 1.5, 64 px for SDXL) must give the loss and
-//! the gradient of every LoRA matrix that tests/fixtures/fullsize/make.py got from PyTorch.
+//! SDXL's UNets (the published configs, random weights, batch 1, at the smallest size where the
+//! mid block's self-attention sees more than one token: 128 px for SD 1.5, 64 px for SDXL) must
+//! give the loss and the gradient of every LoRA matrix that tests/fixtures/fullsize/make.py got
+//! from PyTorch. A second test trains a small SDXL-shaped model through the trainer's steps.
 //!
 //! The step is the trainer's own ([`step_loss`] and [`gradients`], which `loragate train` takes
 //! every step through), with the network built by the trainer's [`Network`] on the layers its
