@@ -189,12 +189,18 @@ pub fn fit_to_bucket(img: &RgbImage, (w, h): (usize, usize)) -> RgbImage {
     if (iw as usize, ih as usize) == (w, h) {
         return img.clone();
     }
+    let ((sw, sh), (x, y)) = bucket_crop((iw, ih), (w, h));
+    let resized = image::imageops::resize(img, sw, sh, image::imageops::FilterType::CatmullRom);
+    image::imageops::crop_imm(&resized, x, y, w as u32, h as u32).to_image()
+}
+
+/// How [`fit_to_bucket`] fits an image of `(iw, ih)` to a bucket: the size it is resized to
+/// (covering the bucket) and the top-left corner `(x, y)` of the centred cut.
+pub fn bucket_crop((iw, ih): (u32, u32), (w, h): (usize, usize)) -> ((u32, u32), (u32, u32)) {
     let scale = (w as f64 / iw as f64).max(h as f64 / ih as f64);
     let sw = ((iw as f64 * scale).round() as u32).max(w as u32);
     let sh = ((ih as f64 * scale).round() as u32).max(h as u32);
-    let resized = image::imageops::resize(img, sw, sh, image::imageops::FilterType::CatmullRom);
-    let (x, y) = ((sw - w as u32) / 2, (sh - h as u32) / 2);
-    image::imageops::crop_imm(&resized, x, y, w as u32, h as u32).to_image()
+    ((sw, sh), ((sw - w as u32) / 2, (sh - h as u32) / 2))
 }
 
 /// One trainable sample: an image at one bucket size (an image appears once per training

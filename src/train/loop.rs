@@ -5,22 +5,25 @@
 //! Latents are encoded once: every image is fitted to its bucket at each training resolution,
 //! `augment_variants` augmented copies are drawn (seeded per image, bucket and copy, so the
 //! cache does not depend on the order of work) and encoded by the VAE; a step picks one copy.
-//! Text encodings are cached by caption string.
+//! Text encodings are cached by caption string. For SDXL, each sample also carries its
+//! caption's pooled embedding and its size ids (source size, crop corner, bucket size).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::augment::{augment, process_caption};
 use super::config::TrainConfig;
-use super::dataset::{BatchSampler, Entry, TrainImage, entries, fit_to_bucket};
+use super::dataset::{BatchSampler, Entry, TrainImage, bucket_crop, entries, fit_to_bucket};
 use super::network::Network;
 use super::optim::{AdamW, LrSchedule, clip_grad_norm};
 use crate::error::{Error, Result};
 use crate::imageio::images_to_tensor;
 use crate::model::Pipeline;
 use crate::model::noise::{Rng, randn};
+use crate::model::scheduler::NoiseSchedule;
+use crate::model::unet::{AddedConditioning, UNet};
 use crate::progress::Progress;
 
 /// Most captions whose encodings are kept (a shuffled caption rarely repeats exactly, so
@@ -57,6 +60,55 @@ fn mix(seed: u64, parts: &[u64]) -> u64 {
     h
 }
 
+/// Everything one UNet training call needs, one row per sample.
+#[derive(Debug, Clone)]
+pub struct StepBatch {
+    /// Clean latents `[B, 4, h, w]`.
+    pub latents: Tensor,
+    /// The noise added to them, like `latents`.
+    pub noise: Tensor,
+    /// One training timestep per sample.
+    pub timesteps: Vec<usize>,
+    /// The captions' conditioning `[B, 77, D]`.
+    pub context: Tensor,
+    /// SDXL's pooled embeddings and size/crop ids; `None` for other UNets.
+    pub added: Option<AddedConditioning>,
+}
+
+/// The training loss of a batch: the latents noised to their timesteps, the UNet's prediction
+/// (through whatever adapters are attached), and the mean squared error, over every element,
+/// against the schedule's target (noise, sample or v). [`Trainer`] takes every step through
+/// this; it is public so that a step on given inputs can be compared with a peer's.
+pub fn step_loss(unet: &UNet, schedule: &NoiseSchedule, inputs: &StepBatch) -> Result<Tensor> {
+    let StepBatch { latents, noise, timesteps, context, added } = inputs;
+    let noisy = schedule.add_noise(latents, noise, timesteps)?;
+    let target = schedule.training_target(latents, noise, timesteps)?.to_dtype(latents.dtype())?;
+    let t = Tensor::from_vec(timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(), timesteps.len(), latents.device())?;
+    let pred = unet.forward(&noisy, &t, context, added.as_ref())?;
+    Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+}
+
+/// The gradient of `loss` with respect to each variable, in order.
+pub fn gradients(loss: &Tensor, vars: &[Var]) -> Result<Vec<Tensor>> {
+    // On a rayon worker: the backward pass's matrix products split there without hand-offs.
+    let grads = crate::model::nn::on_worker(|| loss.backward())?;
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            // A variable the loss does not reach (cannot happen for a UNet target).
+            None => Ok(v.as_tensor().zeros_like()?),
+        })
+        .collect()
+}
+
+/// SDXL's size conditioning of a training sample, as its training did: the source image's
+/// size (h, w), the top-left corner (y, x) that [`fit_to_bucket`] cuts from the resized image,
+/// and the bucket's size (h, w).
+pub fn sdxl_time_ids((iw, ih): (usize, usize), bucket: (usize, usize)) -> [f32; 6] {
+    let (_, (x, y)) = bucket_crop((iw as u32, ih as u32), bucket);
+    [ih as f32, iw as f32, y as f32, x as f32, bucket.1 as f32, bucket.0 as f32]
+}
+
 /// The state of a training run.
 pub struct Trainer<'a> {
     pub pipe: &'a Pipeline,
@@ -69,7 +121,8 @@ pub struct Trainer<'a> {
     rng: Rng,
     sampler: BatchSampler,
     latents: HashMap<(Entry, usize), CachedLatent>,
-    text_cache: HashMap<String, Tensor>,
+    /// Per caption: its context and, for SDXL, its pooled embedding.
+    text_cache: HashMap<String, (Tensor, Option<Tensor>)>,
     /// Steps done.
     pub step: usize,
 }
@@ -160,8 +213,9 @@ impl<'a> Trainer<'a> {
         images.len() * cfg.resolutions.len() * cfg.augment_variants
     }
 
-    /// The UNet conditioning of captions, `[B, 77, D]`, from the cache where possible.
-    fn encode_captions(&mut self, captions: &[String]) -> Result<Tensor> {
+    /// The UNet conditioning of captions, `[B, 77, D]`, and for SDXL the pooled embeddings
+    /// `[B, P]`, from the cache where possible.
+    fn encode_captions(&mut self, captions: &[String]) -> Result<(Tensor, Option<Tensor>)> {
         let missing: Vec<&str> = {
             let mut m: Vec<&str> = captions.iter().map(String::as_str).filter(|c| !self.text_cache.contains_key(*c)).collect();
             m.sort_unstable();
@@ -177,33 +231,56 @@ impl<'a> Trainer<'a> {
             // warning would repeat every step, so it is not collected here.
             let _ = self.pipe.take_warnings();
             for (k, c) in missing.iter().enumerate() {
-                self.text_cache.insert(c.to_string(), enc.context.get(k)?);
+                let pooled = enc.pooled.as_ref().map(|p| p.get(k)).transpose()?;
+                self.text_cache.insert(c.to_string(), (enc.context.get(k)?, pooled));
             }
         }
-        let rows: Vec<Tensor> = captions.iter().map(|c| self.text_cache[c].clone()).collect();
-        Ok(Tensor::stack(&rows, 0)?)
+        let rows: Vec<&(Tensor, Option<Tensor>)> = captions.iter().map(|c| &self.text_cache[c]).collect();
+        let context = Tensor::stack(&rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>(), 0)?;
+        let pooled = match rows.iter().map(|r| r.1.clone()).collect::<Option<Vec<_>>>() {
+            Some(p) if !p.is_empty() => Some(Tensor::stack(&p, 0)?),
+            _ => None,
+        };
+        Ok((context, pooled))
+    }
+
+    /// The inputs of one batch: noise and timesteps from `rng`, the captions' conditioning
+    /// and, for SDXL, the pooled embeddings and each sample's size and crop.
+    fn batch_inputs(&mut self, batch: &[(Entry, usize)], captions: &[String], rng: &mut Rng) -> Result<StepBatch> {
+        let latents = Tensor::stack(&batch.iter().map(|k| self.latents[k].latent.clone()).collect::<Vec<_>>(), 0)?;
+        let dims = latents.dims().to_vec();
+        let b = dims[0];
+        let n_train = self.pipe.schedule.alphas_cumprod.len();
+        let mut noise_parts = Vec::with_capacity(b);
+        let mut timesteps = Vec::with_capacity(b);
+        for _ in 0..b {
+            // Per sample: its noise, then its timestep.
+            noise_parts.push(randn(rng, &dims[1..], &Device::Cpu)?);
+            timesteps.push(rng.below(n_train));
+        }
+        let noise = Tensor::stack(&noise_parts, 0)?.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+        let (context, pooled) = self.encode_captions(captions)?;
+        let added = match pooled {
+            Some(text_embeds) => {
+                let ids: Vec<f32> = batch
+                    .iter()
+                    .flat_map(|(e, _)| {
+                        let img = &self.images[e.image].image;
+                        sdxl_time_ids((img.width() as usize, img.height() as usize), e.bucket)
+                    })
+                    .collect();
+                let time_ids = Tensor::from_vec(ids, (b, 6), &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+                Some(AddedConditioning { text_embeds, time_ids })
+            }
+            None => None,
+        };
+        Ok(StepBatch { latents, noise, timesteps, context, added })
     }
 
     /// The loss of one batch: noise and timesteps from `rng`.
     fn batch_loss(&mut self, batch: &[(Entry, usize)], captions: &[String], rng: &mut Rng) -> Result<Tensor> {
-        let x0 = Tensor::stack(&batch.iter().map(|k| self.latents[k].latent.clone()).collect::<Vec<_>>(), 0)?;
-        let dims = x0.dims().to_vec();
-        let b = dims[0];
-        let n_train = self.pipe.schedule.alphas_cumprod.len();
-        let mut noise_parts = Vec::with_capacity(b);
-        let mut ts = Vec::with_capacity(b);
-        for _ in 0..b {
-            // Per sample: its noise, then its timestep.
-            noise_parts.push(randn(rng, &dims[1..], &Device::Cpu)?);
-            ts.push(rng.below(n_train));
-        }
-        let noise = Tensor::stack(&noise_parts, 0)?.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
-        let noisy = self.pipe.schedule.add_noise(&x0, &noise, &ts)?;
-        let target = self.pipe.schedule.training_target(&x0, &noise, &ts)?.to_dtype(self.pipe.dtype)?;
-        let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &self.pipe.device)?;
-        let context = self.encode_captions(captions)?;
-        let pred = self.pipe.unet.forward(&noisy, &t, &context, None)?;
-        Ok((pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?.mean_all()?)
+        let inputs = self.batch_inputs(batch, captions, rng)?;
+        step_loss(&self.pipe.unet, &self.pipe.schedule, &inputs)
     }
 
     /// One optimisation step.
@@ -230,18 +307,7 @@ impl<'a> Trainer<'a> {
                 self.schedule.at(self.step)
             )));
         }
-        // On a rayon worker: the backward pass's matrix products split there without hand-offs.
-        let grads = crate::model::nn::on_worker(|| loss.backward())?;
-        let mut g: Vec<Tensor> = self
-            .opt
-            .vars()
-            .iter()
-            .map(|v| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                // A variable the loss does not reach (cannot happen for a UNet target).
-                None => Ok(v.as_tensor().zeros_like()?),
-            })
-            .collect::<Result<_>>()?;
+        let mut g = gradients(&loss, self.opt.vars())?;
         let grad_norm = clip_grad_norm(&mut g, self.cfg.max_grad_norm)?;
         let lr = self.schedule.at(self.step);
         self.opt.step(&g, lr)?;
