@@ -16,7 +16,7 @@
 //! - `baseline` fails when pixels changed while the inputs did not (the environment moved
 //!   them), and asks for review when the inputs changed.
 
-use super::measure::{AppliedNumbers, CaseNumbers, GroupNumbers, StackNumbers, VariantNumbers};
+use super::measure::{AppliedNumbers, CaseNumbers, GroupNumbers, MemorizationNumbers, StackNumbers, VariantNumbers};
 use super::{CheckResult, Status};
 use crate::baseline::scores::ScoreBaseline;
 use crate::suite::{Aggregate, Case, IncompatiblePolicy, Thresholds, Variant};
@@ -571,6 +571,97 @@ pub fn identity_group(g: &GroupNumbers) -> CheckResult {
     if let Some(c) = g.lowest_control {
         res.metrics.push(("identity_min_pair_control".into(), c));
     }
+    res
+}
+
+/// The fewest copies that fail the memorization check, and the smallest share of the LoRA's
+/// images they must be: one image that happens to look like a training image is one noisy
+/// number and never fails it alone, nor two out of a hundred.
+pub const MEMORIZATION_MIN_COPIES: usize = 2;
+pub const MEMORIZATION_MIN_SHARE: f64 = 0.10;
+
+/// Whether an image made with the LoRA is a copy: its nearest training image is at least
+/// `threshold` alike, and it is at least `margin` more alike than its no-LoRA control is to the
+/// control's own nearest training image (`None` without a control: not judged).
+pub fn is_copy(n: &super::measure::Nearest, threshold: f64, margin: f64) -> Option<bool> {
+    let c = n.control?;
+    Some(n.similarity >= threshold && n.similarity - c >= margin)
+}
+
+/// Training images that several of a LoRA's images are nearest to (by the identity scorer),
+/// most first: where its outputs converge.
+pub fn converging(n: &MemorizationNumbers) -> Vec<(String, usize)> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for i in &n.images {
+        match counts.iter_mut().find(|(t, _)| *t == i.training) {
+            Some(c) => c.1 += 1,
+            None => counts.push((i.training.clone(), 1)),
+        }
+    }
+    counts.retain(|(_, c)| *c >= 2);
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
+}
+
+/// The memorization check of one LoRA. Each image made with it is a copy or not
+/// ([`is_copy`]); the LoRA fails when at least [`MEMORIZATION_MIN_COPIES`] of its judged images,
+/// and at least [`MEMORIZATION_MIN_SHARE`] of them, are copies.
+pub fn memorization(n: &MemorizationNumbers) -> CheckResult {
+    let result = |status, message: String| CheckResult { case: "all-cases".into(), check: format!("memorization/{}", n.lora), status, message, metrics: Vec::new(), scorer: String::new() };
+    if let Some(why) = &n.missing {
+        return result(Status::Error, format!("not measured: {why}"));
+    }
+    let judged: Vec<&super::measure::Nearest> = n.images.iter().filter(|i| i.control.is_some()).collect();
+    if judged.is_empty() {
+        let why = if n.images.is_empty() {
+            format!("no image of the run was made with `{}` and its trigger", n.lora)
+        } else {
+            "it compares each image with its no-LoRA control, and these cases have `control: false`".to_string()
+        };
+        return result(Status::Skipped, format!("not measured: {why}"));
+    }
+    let (t, m) = (n.threshold, n.margin);
+    let copies: Vec<&&super::measure::Nearest> = judged.iter().filter(|i| is_copy(i, t, m) == Some(true)).collect();
+    let share = copies.len() as f64 / judged.len() as f64;
+    let fails = copies.len() >= MEMORIZATION_MIN_COPIES && share >= MEMORIZATION_MIN_SHARE;
+    // The worst pair: the copy (else any image) furthest above its control.
+    let gain = |i: &super::measure::Nearest| i.similarity - i.control.unwrap_or(f64::NAN);
+    let worst = judged.iter().max_by(|a, b| gain(a).total_cmp(&gain(b))).expect("not empty");
+    let unjudged = n.images.len() - judged.len();
+    let mut message = format!(
+        "{} of {} images are copies (nearest of {} training images at identity cosine ≥ {t:.3} and ≥ {m:.3} above their no-LoRA control's){}; closest: {} {} ≈ {} at {:.3} (control {:.3}), hash distance {} of {}",
+        copies.len(),
+        judged.len(),
+        n.training_images,
+        if unjudged > 0 { format!(", {unjudged} without a control not judged") } else { String::new() },
+        worst.case,
+        worst.image,
+        worst.training,
+        worst.similarity,
+        worst.control.unwrap_or(f64::NAN),
+        worst.hash_distance,
+        crate::score::phash::HASH_BITS
+    );
+    if let Some((img, count)) = converging(n).first() {
+        message.push_str(&format!("; {count} images are nearest to {img}"));
+    }
+    if fails {
+        message.push_str(&format!(
+            "; the LoRA reproduces its training images ({:.0} % of its images; at most {:.0} % and fewer than {MEMORIZATION_MIN_COPIES} pass): train on more images, for fewer steps or at a lower rank",
+            share * 100.0,
+            MEMORIZATION_MIN_SHARE * 100.0
+        ));
+    }
+    let mut res = result(pass_if(!fails), message);
+    let gains: Vec<f64> = judged.iter().map(|i| gain(i)).collect();
+    let mut sims: Vec<f64> = judged.iter().map(|i| i.similarity).collect();
+    sims.sort_by(f64::total_cmp);
+    res.metrics = vec![
+        ("copy_share".into(), share),
+        ("nearest_median".into(), sims[sims.len() / 2]),
+        ("nearest_max".into(), sims[sims.len() - 1]),
+        ("gain_over_control_max".into(), gains.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+    ];
     res
 }
 
