@@ -786,18 +786,22 @@ pub fn training_set_from_metadata(name: &str, file: &LoraFile, suite_dir: &Path)
             "LoRA `{name}` has no `training_set:` and its file's metadata names no loragate dataset: set `training_set:` to the folder it was trained on"
         ));
     };
-    // Recipes name datasets relative to where `loragate train` ran (usually the project root),
-    // so look there, beside the LoRA file and beside the suite.
+    // Recipes name datasets relative to where `loragate train` ran (usually a project root),
+    // so look in the suite's and the LoRA file's projects, in the working directory, beside
+    // the LoRA file and beside the suite.
     let p = Path::new(&named);
+    let lora_dir = file.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let candidates: Vec<PathBuf> = if p.is_absolute() {
         vec![p.to_path_buf()]
     } else {
-        let mut c = vec![crate::harness::project_root(suite_dir).join(p)];
-        if let Some(d) = file.path.parent() {
-            c.push(d.join(p));
+        let mut c = vec![crate::harness::project_root(suite_dir).join(p), crate::harness::project_root(lora_dir).join(p)];
+        if let Ok(cwd) = std::env::current_dir() {
+            c.push(cwd.join(p));
         }
+        c.push(lora_dir.join(p));
         c.push(suite_dir.join(p));
-        c.dedup();
+        let mut seen = std::collections::HashSet::new();
+        c.retain(|d| seen.insert(d.clone()));
         c
     };
     match candidates.iter().find(|d| d.is_dir() && count(d) > 0) {
