@@ -784,10 +784,10 @@ mod tests {
         assert_eq!(converging(&memorized(&copying)), vec![("1_zorb/0001.png".to_string(), 6), ("1_zorb/0003.png".to_string(), 2)]);
         // As close to the training set as the base model's pictures of the same prompts: the
         // training set covers the world, nothing is copied.
-        let covered = vec![("1_shapes/0031.png", 0.88, Some(0.8)); 40];
+        let covered = [("1_shapes/0031.png", 0.88, Some(0.8)); 40];
         assert_eq!(memorization(&memorized(&covered)).status, Status::Passed);
         // Far above the control but not alike enough.
-        assert_eq!(memorization(&memorized(&vec![("a.png", 0.55, Some(0.1)); 10])).status, Status::Passed);
+        assert_eq!(memorization(&memorized(&[("a.png", 0.55, Some(0.1)); 10])).status, Status::Passed);
         // One copy among ten, then two among a hundred: noise, not a failure.
         let mut one = vec![("a.png", 0.7, Some(0.68)); 9];
         one.push(("a.png", 0.99, Some(0.3)));
