@@ -392,6 +392,13 @@ fn bad_suites_fail_before_generating_with_file_line_column_and_exit_2() {
         ("wrong-type", suite_yaml("x", &lora, "").replace("steps: 8", "steps: many"), ":8:10: invalid"),
         ("unknown-adapter", suite_yaml("x", &lora, "    adapters: [other]\n"), ":17:16: no LoRA named `other`"),
         ("duplicate", suite_yaml("x", &lora, "  - name: center\n    prompt: b\n"), ":17:11: case name `center` is used twice"),
+        (
+            "no-training-set",
+            suite_yaml("x", &lora, "").replace("    trigger: zorb\n", "    trigger: zorb\n    training_set: nowhere/\n"),
+            ":6:19: training set `nowhere/` not found",
+        ),
+        ("case-memorization", suite_yaml("x", &lora, "    thresholds: { memorization: 0.5 }\n"), ":15:1: case `center` sets `memorization` thresholds"),
+        ("memorization-range", suite_yaml("x", &lora, "").replace("  control_drop: 0.05\n", "  control_drop: 0.05\n  memorization: 1.5\n"), ":1:1: threshold `memorization` is 1.5"),
     ];
     for (name, yaml, needle) in cases {
         let suite = p.write(&format!("suites/{name}.yaml"), yaml);
