@@ -85,7 +85,10 @@ for(const i of document.querySelectorAll('img[data-from]')){const s=document.get
 /// An image with its caption; `id` lets the contact sheets show it again without a second copy.
 fn figure(label: &str, png: Option<&[u8]>, extra: &str, id: &str) -> Result<String> {
     Ok(match png {
-        Some(i) => format!("<figure><img id=\"{id}\" src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra),
+        Some(i) => {
+            let id = if id.is_empty() { String::new() } else { format!(" id=\"{id}\"") };
+            format!("<figure><img{id} src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra)
+        }
         None => format!("<figure><div class=\"missing\">no {}</div><figcaption>{}</figcaption></figure>", esc(label), esc(label)),
     })
 }
