@@ -392,6 +392,13 @@ fn bad_suites_fail_before_generating_with_file_line_column_and_exit_2() {
         ("wrong-type", suite_yaml("x", &lora, "").replace("steps: 8", "steps: many"), ":8:10: invalid"),
         ("unknown-adapter", suite_yaml("x", &lora, "    adapters: [other]\n"), ":17:16: no LoRA named `other`"),
         ("duplicate", suite_yaml("x", &lora, "  - name: center\n    prompt: b\n"), ":17:11: case name `center` is used twice"),
+        (
+            "no-training-set",
+            suite_yaml("x", &lora, "").replace("    trigger: zorb\n", "    trigger: zorb\n    training_set: nowhere/\n"),
+            ":6:19: training set `nowhere/` not found",
+        ),
+        ("case-memorization", suite_yaml("x", &lora, "    thresholds: { memorization: 0.5 }\n"), ":15:1: case `center` sets `memorization` thresholds"),
+        ("memorization-range", suite_yaml("x", &lora, "").replace("  control_drop: 0.05\n", "  control_drop: 0.05\n  memorization: 1.5\n"), ":1:1: threshold `memorization` is 1.5"),
     ];
     for (name, yaml, needle) in cases {
         let suite = p.write(&format!("suites/{name}.yaml"), yaml);
@@ -1051,4 +1058,81 @@ fn a_kernel_build_that_cannot_run_is_refused_with_exit_2() {
     let o = p.run_env(&["generate", "x", "--steps", "1", "--size", "64x64"], &[("LORAGATE_KERNELS", "plain")]);
     assert_eq!(code(&o), 0, "{}", text(&o));
     assert!(p.dir.join("out.png").is_file());
+}
+
+/// The memorization check: a LoRA overtrained on four images (`training/zorb-copycat.yaml`)
+/// draws them again and fails; the committed zorb and a clean retrain of its recipe, judged
+/// against their regenerated 600-image training set, pass. The copycat's training set is the
+/// one its metadata names; the committed zorb's metadata names a folder that is gone, which the
+/// check reports as not measured (an error), never as a pass.
+#[test]
+fn the_memorization_check_fails_a_lora_that_copies_its_training_images_and_passes_the_zorb() {
+    let p = Project::new("memorization");
+    // The zorb recipe's dataset (training/zorb.yaml), regenerated.
+    for args in [&["--concept", "zorb", "--count", "300", "--seed", "11"][..], &["--count", "300", "--seed", "12"][..]] {
+        let mut a = vec!["world", "dataset", "--repeats", "1", "--out", "data/zorb"];
+        a.extend(args);
+        let o = p.run(&a);
+        assert_eq!(code(&o), 0, "{}", text(&o));
+    }
+    let lora = |f: &str| common::repo().join(f).display().to_string();
+    let data = p.dir.join("data/zorb").display().to_string();
+    let mut cases = String::new();
+    // The copycat's training captions that it copies most (docs/checks-and-verdicts.md).
+    for (lora, tag) in [("copycat", "copy"), ("zorb", "zorb"), ("retrain", "retrain")] {
+        cases.push_str(&format!(
+            "  - name: {tag}-grass\n    prompt: \"zorb, large, grass background\"\n    adapters: [{lora}]\n  - name: {tag}-white\n    prompt: \"small, zorb, white background\"\n    adapters: [{lora}]\n"
+        ));
+    }
+    let suite = p.write(
+        "suites/memo.yaml",
+        &format!(
+            r#"name: memo
+loras:
+  - {{ name: copycat, file: {}, trigger: zorb, class_word: "" }}
+  - {{ name: zorb, file: {}, trigger: zorb, class_word: "", training_set: {data} }}
+  - {{ name: retrain, file: {}, trigger: zorb, class_word: "", training_set: {data} }}
+defaults: {{ seeds: [0, 1, 2], steps: 20, guidance: 5, size: 128x128 }}
+thresholds: {{ memorization: 0.6 }}
+cases:
+{cases}"#,
+            lora("tests/fixtures/loras/zorb-copycat.safetensors"),
+            lora("assets/loras/zorb-loragate.safetensors"),
+            lora("tests/fixtures/loras/zorb-seed3.safetensors"),
+        ),
+    );
+    let o = p.run(&["suite", suite.to_str().unwrap(), "--ci"]);
+    let out = text(&o);
+    assert_eq!(code(&o), 1, "{out}");
+    assert_eq!(status_of(&out, "all-cases", "memorization/copycat").as_deref(), Some("FAIL"), "{out}");
+    assert_eq!(status_of(&out, "all-cases", "memorization/zorb").as_deref(), Some("PASS"), "{out}");
+    assert_eq!(status_of(&out, "all-cases", "memorization/retrain").as_deref(), Some("PASS"), "{out}");
+    // The summary names the worst pair in full: a generated image and the training image it copies.
+    let line = out.lines().find(|l| l.starts_with("FAIL memorization/copycat: ")).unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("copy a training image; closest copy-") && line.contains(" ≈ 1_zorb/000") && line.contains("the dataset its metadata names"), "{line}");
+    let junit = p.junit("memo");
+    assert!(junit.contains("memorization/copycat") && junit.contains("reproduces its training images"), "{junit}");
+    // The report puts each copy beside its training image and counts where outputs converge.
+    let html = std::fs::read_to_string(p.dir.join("out/memo/report.html")).unwrap();
+    assert!(html.contains("Memorization · copycat (") && html.contains("copies; 4 training images"), "report lacks the copies");
+    assert!(html.contains("alt=\"1_zorb/0001.png\"") || html.contains("alt=\"1_zorb/0003.png\""), "report lacks the training images");
+    assert!(html.contains("Training images that several outputs of copycat are nearest to"), "report lacks the convergence table");
+    let outcome: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p.dir.join("out/memo/outcome.json")).unwrap()).unwrap();
+    let zorb = outcome["memorization"].as_array().unwrap().iter().find(|m| m["lora"] == "zorb").unwrap();
+    assert_eq!(zorb["training_images"], 600);
+    assert_eq!(zorb["images"].as_array().unwrap().len(), 6);
+
+    // Asked for, with a training set that is gone: an error that says where it looked.
+    let missing = p.write(
+        "suites/gone.yaml",
+        &format!(
+            "name: gone\nloras:\n  - {{ name: zorb, file: {}, trigger: zorb }}\ndefaults: {{ seeds: [0], steps: 20, guidance: 5, size: 128x128, adapters: [zorb] }}\nthresholds: {{ memorization: 0.6 }}\ncases:\n  - name: white\n    prompt: \"small, zorb, white background\"\n",
+            lora("assets/loras/zorb-loragate.safetensors")
+        ),
+    );
+    let o = p.run(&["suite", missing.to_str().unwrap(), "--ci"]);
+    let out = text(&o);
+    assert_eq!(status_of(&out, "all-cases", "memorization/zorb").as_deref(), Some("ERROR"), "{out}");
+    assert!(out.contains("/tmp/zreg") && out.contains("set `training_set:`"), "{out}");
+    assert_ne!(code(&o), 0, "{out}");
 }

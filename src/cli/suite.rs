@@ -68,6 +68,7 @@ pub struct SuiteArgs {
 
 /// Replaces the files of the suite's LoRAs named in `--lora NAME=FILE` options.
 fn override_loras(suite: &mut crate::suite::Suite, overrides: &[String]) -> Result<()> {
+    use crate::suite::TrainingSet;
     for o in overrides {
         let (name, file) = o
             .split_once('=')
@@ -80,6 +81,12 @@ fn override_loras(suite: &mut crate::suite::Suite, overrides: &[String]) -> Resu
             )));
         };
         suite.loras[i].file = std::sync::Arc::new(crate::lora::LoraFile::load(std::path::Path::new(file))?);
+        // A training set the old file's metadata named is the new file's to name.
+        let l = &mut suite.loras[i];
+        if matches!(l.training_set, TrainingSet::Missing(_) | TrainingSet::Folder { from_metadata: true, .. }) {
+            let dir = suite.file.parent().unwrap_or(std::path::Path::new("."));
+            l.training_set = crate::suite::validate::training_set_from_metadata(l.name.as_str(), &l.file, dir);
+        }
     }
     Ok(())
 }

@@ -476,3 +476,127 @@ pub fn variant_inputs(suite: &Suite, case: &Case, cp: &CasePlan, plan: &Plan, mo
     }
     variants
 }
+
+/// A LoRA's training images, embedded by the identity scorer and hashed.
+pub struct TrainingImages {
+    pub dir: std::path::PathBuf,
+    /// Where the folder came from (`training_set: …`, or the metadata's dataset).
+    pub origin: String,
+    /// Path relative to `dir`, identity embedding, perceptual hash.
+    pub images: Vec<(String, Vec<f32>, crate::score::phash::PerceptualHash)>,
+}
+
+/// One generated image and the training images nearest to it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Nearest {
+    pub case: String,
+    /// The evidence image (`<variant>-s<seed>`), or its control's.
+    pub image: String,
+    /// The nearest training image by the identity scorer, its cosine, and the perceptual-hash
+    /// distance to that same training image.
+    pub training: String,
+    pub similarity: f64,
+    pub hash_distance: u32,
+    /// The nearest training image by perceptual hash, and its distance.
+    pub by_hash: String,
+    pub by_hash_distance: u32,
+    /// For an image made with the LoRA: the identity cosine of its no-LoRA control (same
+    /// prompt and seed) to the control's own nearest training image.
+    #[serde(default)]
+    pub control: Option<f64>,
+}
+
+/// Everything the memorization check of one LoRA judges: each distinct image made with it (its
+/// trigger in the prompt) and each of their no-LoRA controls, with their nearest training images.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MemorizationNumbers {
+    pub lora: String,
+    pub training_dir: std::path::PathBuf,
+    pub origin: String,
+    pub training_images: usize,
+    /// Identity cosine at or above which an image may be a copy, and how much more alike than
+    /// its control it must be.
+    pub threshold: f64,
+    #[serde(default)]
+    pub margin: f64,
+    pub images: Vec<Nearest>,
+    pub controls: Vec<Nearest>,
+    /// The check was asked for but nothing could be measured: why.
+    pub missing: Option<String>,
+}
+
+/// The nearest training images of one generated image.
+fn nearest(hash: &crate::score::phash::PerceptualHash, emb: &[f32], training: &TrainingImages) -> Option<(usize, f64, usize, u32)> {
+    let mut by_emb: Option<(usize, f64)> = None;
+    let mut by_hash: Option<(usize, u32)> = None;
+    for (i, (_, e, h)) in training.images.iter().enumerate() {
+        let s = dot(emb, e);
+        if by_emb.is_none_or(|b| s > b.1) {
+            by_emb = Some((i, s));
+        }
+        let d = hash.distance(h);
+        if by_hash.is_none_or(|b| d < b.1) {
+            by_hash = Some((i, d));
+        }
+    }
+    let ((ie, s), (ih, d)) = (by_emb?, by_hash?);
+    Some((ie, s, ih, d))
+}
+
+/// Measures the memorization check of LoRA `lora` (index into the suite's LoRAs) over every
+/// planned image made with it and its trigger, each paired with its no-LoRA control. One
+/// generation shared by several cases counts once.
+pub fn measure_memorization(src: &Sources, lora: usize, training: &TrainingImages, threshold: f64, margin: f64) -> MemorizationNumbers {
+    let l = &src.suite.loras[lora];
+    let mut out = MemorizationNumbers {
+        lora: l.name.to_string(),
+        training_dir: training.dir.clone(),
+        origin: training.origin.clone(),
+        training_images: training.images.len(),
+        threshold,
+        margin,
+        images: Vec::new(),
+        controls: Vec::new(),
+        missing: None,
+    };
+    let near = |case: &str, id: &str, job: usize| -> Option<Nearest> {
+        let e = src.emb.identity(job)?;
+        let hash = crate::score::phash::PerceptualHash::of(src.image(job));
+        let (ie, s, ih, d) = nearest(&hash, e, training)?;
+        Some(Nearest {
+            case: case.to_string(),
+            image: id.to_string(),
+            training: training.images[ie].0.clone(),
+            similarity: s,
+            hash_distance: hash.distance(&training.images[ie].2),
+            by_hash: training.images[ih].0.clone(),
+            by_hash_distance: d,
+            control: None,
+        })
+    };
+    let (mut seen, mut seen_controls) = (std::collections::HashSet::new(), std::collections::HashSet::new());
+    for cp in &src.plan.cases {
+        let case = &src.suite.cases[cp.case];
+        for v in cp.variants.iter().filter(|v| src.usable(v)) {
+            if !v.stack.iter().any(|a| a.lora == lora && a.weight != 0.0) || !l.triggered_by(&v.prompt) {
+                continue;
+            }
+            for (k, (&j, &seed)) in v.images.iter().zip(&v.seeds).enumerate() {
+                let id = v.image_id(seed).to_string();
+                let control = v.controls.get(k).and_then(|&c| near(case.name.as_str(), &id, c).map(|n| (c, n)));
+                if seen.insert(src.generation.outcomes[j].key.clone())
+                    && let Some(mut n) = near(case.name.as_str(), &id, j)
+                {
+                    n.control = control.as_ref().map(|(_, c)| c.similarity);
+                    out.images.push(n);
+                }
+                if let Some((c, n)) = control
+                    && seen_controls.insert(src.generation.outcomes[c].key.clone())
+                {
+                    out.controls.push(n);
+                }
+            }
+        }
+    }
+    out
+}

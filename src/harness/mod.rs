@@ -167,6 +167,9 @@ pub struct SuiteOutcome {
     pub notes: Vec<String>,
     /// The interference matrix of every stack case, for the report.
     pub stacks: Vec<(String, measure::StackNumbers)>,
+    /// Per LoRA the memorization check ran for, each image's nearest training images.
+    #[serde(default)]
+    pub memorization: Vec<measure::MemorizationNumbers>,
     /// Every prompt's score (each variant of each case), for the worst-prompts table and
     /// `prompts.csv`.
     #[serde(default)]
@@ -377,6 +380,19 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         }
     }
     let accepted_images = scoring::embed_accepted(&scorers, &cache, &accepted_files, &mut notes)?;
+    // The training images of each LoRA the memorization check runs for (and that the selected
+    // cases use).
+    let mut training_sets = Vec::new();
+    for (li, l) in suite.loras.iter().enumerate() {
+        let used = plan.cases.iter().flat_map(|cp| &cp.variants).any(|v| v.stack.iter().any(|a| a.lora == li && a.weight != 0.0) && l.triggered_by(&v.prompt));
+        let set = match &l.training_set {
+            _ if !used => continue,
+            crate::suite::TrainingSet::NotAsked => continue,
+            crate::suite::TrainingSet::Missing(why) => Err(why.clone()),
+            crate::suite::TrainingSet::Folder { dir, origin, .. } => scoring::training_images(&scorers, &cache, dir, origin, &mut notes)?,
+        };
+        training_sets.push((li, set));
+    }
     timings.score = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -401,6 +417,25 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
             r.remove(0)
         })
         .collect();
+    let threshold = suite.thresholds.memorization.unwrap_or(crate::suite::DEFAULT_MEMORIZATION);
+    let memorization: Vec<measure::MemorizationNumbers> = training_sets
+        .iter()
+        .map(|(li, set)| match set {
+            Ok(t) => measure::measure_memorization(&src, *li, t, threshold, suite.thresholds.memorization_margin),
+            Err(why) => measure::MemorizationNumbers {
+                lora: suite.loras[*li].name.to_string(),
+                training_dir: PathBuf::new(),
+                origin: String::new(),
+                training_images: 0,
+                threshold,
+                margin: suite.thresholds.memorization_margin,
+                images: Vec::new(),
+                controls: Vec::new(),
+                missing: Some(why.clone()),
+            },
+        })
+        .collect();
+    let group_results: Vec<CheckResult> = group_results.into_iter().chain(memorization.iter().map(verdicts::memorization)).collect();
     timings.checks = t.elapsed().as_secs_f64();
 
     // Baselines: accepted measurements (regression, slices, misses) and images (baseline), per case.
@@ -512,6 +547,7 @@ pub fn run_suite(suite_ref: &Suite, opts: &RunOptions) -> Result<SuiteOutcome> {
         warnings: emb.warnings.clone(),
         notes,
         stacks,
+        memorization,
         prompt_scores,
         slices: judged.slices,
         statistical_tests: judged.tests,

@@ -229,6 +229,20 @@ pub fn embed_accepted<K: Clone + Eq + std::hash::Hash>(
     files: &[(K, PathBuf)],
     notes: &mut Vec<String>,
 ) -> Result<HashMap<K, Vec<f32>>> {
+    embed_files(scorers, cache, files, "accepted image", "the likeness check", notes)
+}
+
+/// Identity embeddings of image files (accepted images, a LoRA's training images), keyed as
+/// given and cached by pixel content. A file that does not decode is left out with a note
+/// naming `what` it was and the check it is `left_out_of`.
+pub fn embed_files<K: Clone + Eq + std::hash::Hash>(
+    scorers: &Scorers,
+    cache: &ImageCache,
+    files: &[(K, PathBuf)],
+    what: &str,
+    left_out_of: &str,
+    notes: &mut Vec<String>,
+) -> Result<HashMap<K, Vec<f32>>> {
     let space = match scorers.identity {
         Some(m) => m.embedding_space()?,
         None => scorers.text.embedding_space()?,
@@ -241,10 +255,11 @@ pub fn embed_accepted<K: Clone + Eq + std::hash::Hash>(
         let img = match read_image(path) {
             Ok(i) => i,
             Err(e) => {
-                notes.push(format!("accepted image {} left out of the likeness check: {e}", path.display()));
+                notes.push(format!("{what} {} left out of {left_out_of}: {e}", path.display()));
                 continue;
             }
         };
+        // By pixels alone: an accepted image and a training image with the same pixels share it.
         let key = format!("accepted|{}", crate::baseline::pixel_hash(&img));
         match cached(cache, &space, &key) {
             Some(v) => {
@@ -267,6 +282,34 @@ pub fn embed_accepted<K: Clone + Eq + std::hash::Hash>(
         }
     }
     Ok(out)
+}
+
+/// A LoRA's training images for the memorization check: every image of the folder (kohya
+/// `N_name` folders included), embedded by the identity scorer and hashed. `Err`: why the
+/// folder gave no image to compare with.
+pub fn training_images(
+    scorers: &Scorers,
+    cache: &ImageCache,
+    dir: &std::path::Path,
+    origin: &str,
+    notes: &mut Vec<String>,
+) -> Result<std::result::Result<super::measure::TrainingImages, String>> {
+    let scan = match crate::train::dataset::scan(dir) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(format!("the training set ({origin}) cannot be read: {e}"))),
+    };
+    let files: Vec<(String, PathBuf)> = scan.images.iter().map(|f| (f.rel.clone(), f.path.clone())).collect();
+    let embedded = embed_files(scorers, cache, &files, "training image", "the memorization check", notes)?;
+    let mut images = Vec::with_capacity(files.len());
+    for (rel, path) in &files {
+        // Files that did not decode were left out (with a note) by the embedding.
+        let (Some(e), Ok(img)) = (embedded.get(rel), read_image(path)) else { continue };
+        images.push((rel.clone(), e.clone(), crate::score::phash::PerceptualHash::of(&img)));
+    }
+    if images.is_empty() {
+        return Ok(Err(format!("the training set {} ({origin}) has no readable image", dir.display())));
+    }
+    Ok(Ok(super::measure::TrainingImages { dir: dir.to_path_buf(), origin: origin.to_string(), images }))
 }
 
 /// Which model measured what. Every check result names its scorer (JUnit, the report), and
@@ -339,6 +382,8 @@ impl ScorerNames {
             "aesthetic" => self.aesthetic.clone().unwrap_or_default(),
             "stack" => format!("{PIXELS}; look: {}", self.identity),
             "effect" | "leak" | "word-order" | "diversity" | "baseline" | "sweep-zero" | "sanity" => PIXELS.to_string(),
+            // The nearest training image by the identity scorer and by perceptual hash.
+            "memorization" => format!("{}, {PIXELS}", self.identity),
             "regression" | "slice" => {
                 let mut all = vec![self.text.clone()];
                 all.extend([self.identity.clone()].into_iter().chain(self.aesthetic.clone()).filter(|s| *s != self.text));
@@ -381,6 +426,7 @@ mod tests {
             ("slice", "tiny-clip, dinov2-base (DINOv2), laion.safetensors on clip-l, pixels"),
             ("identity/accepted", "dinov2-base (DINOv2)"),
             ("misses", "tiny-clip"),
+            ("memorization/zorb", "dinov2-base (DINOv2), pixels"),
             ("applied@tiny", ""),
             ("images", ""),
         ] {

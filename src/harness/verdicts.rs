@@ -16,7 +16,7 @@
 //! - `baseline` fails when pixels changed while the inputs did not (the environment moved
 //!   them), and asks for review when the inputs changed.
 
-use super::measure::{AppliedNumbers, CaseNumbers, GroupNumbers, StackNumbers, VariantNumbers};
+use super::measure::{AppliedNumbers, CaseNumbers, GroupNumbers, MemorizationNumbers, StackNumbers, VariantNumbers};
 use super::{CheckResult, Status};
 use crate::baseline::scores::ScoreBaseline;
 use crate::suite::{Aggregate, Case, IncompatiblePolicy, Thresholds, Variant};
@@ -574,6 +574,98 @@ pub fn identity_group(g: &GroupNumbers) -> CheckResult {
     res
 }
 
+/// The fewest copies that fail the memorization check, and the smallest share of the LoRA's
+/// images they must be: one image that happens to look like a training image is one noisy
+/// number and never fails it alone, nor two out of a hundred.
+pub const MEMORIZATION_MIN_COPIES: usize = 2;
+pub const MEMORIZATION_MIN_SHARE: f64 = 0.10;
+
+/// Whether an image made with the LoRA is a copy: its nearest training image is at least
+/// `threshold` alike, and it is at least `margin` more alike than its no-LoRA control is to the
+/// control's own nearest training image (`None` without a control: not judged).
+pub fn is_copy(n: &super::measure::Nearest, threshold: f64, margin: f64) -> Option<bool> {
+    let c = n.control?;
+    Some(n.similarity >= threshold && n.similarity - c >= margin)
+}
+
+/// Training images that several of a LoRA's images are nearest to (by the identity scorer),
+/// most first: where its outputs converge.
+pub fn converging(n: &MemorizationNumbers) -> Vec<(String, usize)> {
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for i in &n.images {
+        match counts.iter_mut().find(|(t, _)| *t == i.training) {
+            Some(c) => c.1 += 1,
+            None => counts.push((i.training.clone(), 1)),
+        }
+    }
+    counts.retain(|(_, c)| *c >= 2);
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts
+}
+
+/// The memorization check of one LoRA. Each image made with it is a copy or not
+/// ([`is_copy`]); the LoRA fails when at least [`MEMORIZATION_MIN_COPIES`] of its judged images,
+/// and at least [`MEMORIZATION_MIN_SHARE`] of them, are copies.
+pub fn memorization(n: &MemorizationNumbers) -> CheckResult {
+    let result = |status, message: String| CheckResult { case: "all-cases".into(), check: format!("memorization/{}", n.lora), status, message, metrics: Vec::new(), scorer: String::new() };
+    if let Some(why) = &n.missing {
+        return result(Status::Error, format!("not measured: {why}"));
+    }
+    let judged: Vec<&super::measure::Nearest> = n.images.iter().filter(|i| i.control.is_some()).collect();
+    if judged.is_empty() {
+        let why = if n.images.is_empty() {
+            format!("no image of the run was made with `{}` and its trigger", n.lora)
+        } else {
+            "it compares each image with its no-LoRA control, and these cases have `control: false`".to_string()
+        };
+        return result(Status::Skipped, format!("not measured: {why}"));
+    }
+    let (t, m) = (n.threshold, n.margin);
+    let copies: Vec<&&super::measure::Nearest> = judged.iter().filter(|i| is_copy(i, t, m) == Some(true)).collect();
+    let share = copies.len() as f64 / judged.len() as f64;
+    let fails = copies.len() >= MEMORIZATION_MIN_COPIES && share >= MEMORIZATION_MIN_SHARE;
+    // The worst pair: the copy (else any image) furthest above its control.
+    let gain = |i: &super::measure::Nearest| i.similarity - i.control.unwrap_or(f64::NAN);
+    let worst = judged.iter().max_by(|a, b| gain(a).total_cmp(&gain(b))).expect("not empty");
+    let unjudged = n.images.len() - judged.len();
+    let mut message = format!(
+        "{} of {} images copy a training image; closest {}/{} ≈ {} (identity {:.3}, no LoRA {:.3}, hash distance {} of {}); a copy is at identity cosine ≥ {t:.3} to its nearest of {} training images ({}) and ≥ {m:.3} above its no-LoRA control's{}",
+        copies.len(),
+        judged.len(),
+        worst.case,
+        worst.image,
+        worst.training,
+        worst.similarity,
+        worst.control.unwrap_or(f64::NAN),
+        worst.hash_distance,
+        crate::score::phash::HASH_BITS,
+        n.training_images,
+        n.origin,
+        if unjudged > 0 { format!(" ({unjudged} images without a control not judged)") } else { String::new() },
+    );
+    if let Some((img, count)) = converging(n).first() {
+        message.push_str(&format!("; {count} images are nearest to {img}"));
+    }
+    if fails {
+        message.push_str(&format!(
+            "; the LoRA reproduces its training images ({:.0} % of its images; it passes with fewer than {MEMORIZATION_MIN_COPIES} copies or under {:.0} %): train on more images, for fewer steps or at a lower rank",
+            share * 100.0,
+            MEMORIZATION_MIN_SHARE * 100.0
+        ));
+    }
+    let mut res = result(pass_if(!fails), message);
+    let gains: Vec<f64> = judged.iter().map(|i| gain(i)).collect();
+    let mut sims: Vec<f64> = judged.iter().map(|i| i.similarity).collect();
+    sims.sort_by(f64::total_cmp);
+    res.metrics = vec![
+        ("copy_share".into(), share),
+        ("nearest_median".into(), sims[sims.len() / 2]),
+        ("nearest_max".into(), sims[sims.len() - 1]),
+        ("gain_over_control_max".into(), gains.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+    ];
+    res
+}
+
 /// One seed, or one prompt of a prompt set, is one noisy number: its miss is judged against
 /// the accepted version. A miss the accepted version had too becomes a known failure (accepted
 /// as it is), a new one a review item. Whether a prompt set has significantly more misses than
@@ -652,6 +744,74 @@ mod tests {
     use crate::harness::measure::SeedNumbers;
     use crate::lora::ApplyReport;
     use crate::lora::apply::ApplyEntry;
+
+    /// A LoRA's images: `(nearest training image, similarity, its control's similarity)`.
+    fn memorized(images: &[(&str, f64, Option<f64>)]) -> MemorizationNumbers {
+        let near = |(i, (t, s, c)): (usize, &(&str, f64, Option<f64>))| crate::harness::measure::Nearest {
+            case: "c".into(),
+            image: format!("p-s{i}"),
+            training: t.to_string(),
+            similarity: *s,
+            hash_distance: 40,
+            by_hash: t.to_string(),
+            by_hash_distance: 40,
+            control: *c,
+        };
+        MemorizationNumbers {
+            lora: "zorb".into(),
+            training_dir: "data".into(),
+            origin: "training_set: data".into(),
+            training_images: 4,
+            threshold: 0.6,
+            margin: 0.25,
+            images: images.iter().enumerate().map(near).collect(),
+            controls: Vec::new(),
+            missing: None,
+        }
+    }
+
+    #[test]
+    fn memorization_fails_copies_not_closeness_the_base_model_shares_nor_one_noisy_image() {
+        // Six of eight images are near a training image and far above their controls.
+        let mut copying = vec![("1_zorb/0001.png", 0.85, Some(0.3)); 6];
+        copying.extend([("1_zorb/0003.png", 0.5, Some(0.45)), ("1_zorb/0003.png", 0.7, Some(0.2))]);
+        copying[2].1 = 0.95;
+        let r = memorization(&memorized(&copying));
+        assert_eq!(r.status, Status::Failed, "{}", r.message);
+        assert_eq!(r.check, "memorization/zorb");
+        assert!(r.message.starts_with("7 of 8 images copy a training image; closest c/p-s2 ≈ 1_zorb/0001.png (identity 0.950, no LoRA 0.300, hash distance 40 of 1024)"), "the worst pair comes first: {}", r.message);
+        assert!(r.message.contains("6 images are nearest to 1_zorb/0001.png"), "{}", r.message);
+        assert_eq!(converging(&memorized(&copying)), vec![("1_zorb/0001.png".to_string(), 6), ("1_zorb/0003.png".to_string(), 2)]);
+        // As close to the training set as the base model's pictures of the same prompts: the
+        // training set covers the world, nothing is copied.
+        let covered = [("1_shapes/0031.png", 0.88, Some(0.8)); 40];
+        assert_eq!(memorization(&memorized(&covered)).status, Status::Passed);
+        // Far above the control but not alike enough.
+        assert_eq!(memorization(&memorized(&[("a.png", 0.55, Some(0.1)); 10])).status, Status::Passed);
+        // One copy among ten, then two among a hundred: noise, not a failure.
+        let mut one = vec![("a.png", 0.7, Some(0.68)); 9];
+        one.push(("a.png", 0.99, Some(0.3)));
+        assert_eq!(memorization(&memorized(&one)).status, Status::Passed);
+        let mut two = vec![("a.png", 0.7, Some(0.68)); 98];
+        two.extend([("a.png", 0.99, Some(0.3)); 2]);
+        assert_eq!(memorization(&memorized(&two)).status, Status::Passed);
+        let mut ten = vec![("a.png", 0.7, Some(0.68)); 90];
+        ten.extend([("a.png", 0.99, Some(0.3)); 10]);
+        assert_eq!(memorization(&memorized(&ten)).status, Status::Failed, "a tenth of the images are copies");
+    }
+
+    #[test]
+    fn memorization_that_cannot_be_measured_says_so() {
+        let mut n = memorized(&[]);
+        n.missing = Some("LoRA `zorb`'s metadata names the dataset `/tmp/zreg`, and no folder of images is there".into());
+        let r = memorization(&n);
+        assert_eq!(r.status, Status::Error, "asked for and not measured is never a pass");
+        assert!(r.message.contains("/tmp/zreg"), "{}", r.message);
+        let r = memorization(&memorized(&[("a.png", 0.99, None), ("a.png", 0.99, None)]));
+        assert_eq!(r.status, Status::Skipped);
+        assert!(r.message.contains("control: false"), "{}", r.message);
+        assert_eq!(memorization(&memorized(&[])).status, Status::Skipped);
+    }
 
     fn rules(t: &Thresholds, kind: Kind) -> Rules<'_> {
         Rules { case: "c", t, incompatible_base: IncompatiblePolicy::Fail, kind }

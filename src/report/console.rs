@@ -46,6 +46,10 @@ pub fn table(o: &SuiteOutcome, width: usize) -> String {
             let _ = writeln!(s, "{line}");
         }
     }
+    // The memorization check names the worst pair: in full, where the table cut it.
+    for r in o.results.iter().filter(|r| r.check.starts_with("memorization/") && r.message.chars().count() > msg_w) {
+        let _ = writeln!(s, "\n{} {}: {}", tag(r.status), r.check, r.message);
+    }
     let t = &o.timings;
     let _ = writeln!(
         s,

@@ -85,7 +85,10 @@ for(const i of document.querySelectorAll('img[data-from]')){const s=document.get
 /// An image with its caption; `id` lets the contact sheets show it again without a second copy.
 fn figure(label: &str, png: Option<&[u8]>, extra: &str, id: &str) -> Result<String> {
     Ok(match png {
-        Some(i) => format!("<figure><img id=\"{id}\" src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra),
+        Some(i) => {
+            let id = if id.is_empty() { String::new() } else { format!(" id=\"{id}\"") };
+            format!("<figure><img{id} src=\"{}\" alt=\"{}\"><figcaption>{}{}</figcaption></figure>", data_uri(i), esc(label), esc(label), extra)
+        }
         None => format!("<figure><div class=\"missing\">no {}</div><figcaption>{}</figcaption></figure>", esc(label), esc(label)),
     })
 }
@@ -163,7 +166,7 @@ pub fn to_html(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
             body.push_str("</div></section>");
         }
     }
-    let worst = format!("{}{}{}", worst_slices(o), contact_sheets(o), worst_prompts(o, pngs)?);
+    let worst = format!("{}{}{}{}", memorization(o, pngs)?, worst_slices(o), contact_sheets(o), worst_prompts(o, pngs)?);
     let verdict = crate::report::markdown::verdict(o);
     let mut html = String::new();
     let _ = write!(
@@ -236,6 +239,63 @@ fn worst_prompts(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
         }
     }
     s.push_str("</div>");
+    Ok(s)
+}
+
+/// Per LoRA the memorization check ran for: each copy (else the closest pair) as the generated
+/// image beside its nearest training image with both distances, and the training images that
+/// several outputs converge on. Training images are read from their folder now; one that is
+/// gone (a report merged on another machine) shows as missing.
+fn memorization(o: &SuiteOutcome, pngs: &EncodedImages) -> Result<String> {
+    use crate::harness::verdicts::{converging, is_copy};
+    let mut s = String::new();
+    let training_png = |dir: &std::path::Path, rel: &str| -> Option<Vec<u8>> { crate::imageio::read_image(&dir.join(rel)).ok().and_then(|i| crate::imageio::encode_png_fast(&i).ok()) };
+    for n in o.memorization.iter().filter(|n| n.missing.is_none() && !n.images.is_empty()) {
+        let mut copies: Vec<&crate::harness::measure::Nearest> = n.images.iter().filter(|i| is_copy(i, n.threshold, n.margin) == Some(true)).collect();
+        let gain = |i: &crate::harness::measure::Nearest| i.similarity - i.control.unwrap_or(f64::NAN);
+        copies.sort_by(|a, b| gain(b).total_cmp(&gain(a)));
+        let title = if copies.is_empty() { "no copies; the closest pair".to_string() } else { format!("{} copies", copies.len()) };
+        if copies.is_empty() {
+            copies.extend(n.images.iter().filter(|i| i.control.is_some()).max_by(|a, b| gain(a).total_cmp(&gain(b))));
+        }
+        let _ = write!(
+            s,
+            "<h2 class=\"group\">Memorization · {} ({title}; {} training images from {})</h2><div class=\"shots\">",
+            esc(&n.lora),
+            n.training_images,
+            esc(&n.origin)
+        );
+        for c in copies.iter().take(24) {
+            let generated = o.evidence.iter().position(|e| e.case == c.case && e.id == c.image).and_then(|i| pngs.png(i, ""));
+            let caption = format!(
+                "identity {:.3} (no LoRA {:.3}) · hash {} of {}<br><a href=\"#case-{}\">{} / {}</a>",
+                c.similarity,
+                c.control.unwrap_or(f64::NAN),
+                c.hash_distance,
+                crate::score::phash::HASH_BITS,
+                esc(&c.case),
+                esc(&c.case),
+                esc(&c.image)
+            );
+            let _ = write!(s, "<div class=\"shot\"><div class=\"row\">");
+            s.push_str(&figure("generated", generated, "", "")?);
+            s.push_str(&figure(&c.training, training_png(&n.training_dir, &c.training).as_deref(), "", "")?);
+            let _ = write!(s, "</div><div>{caption}</div></div>");
+        }
+        s.push_str("</div>");
+        let converge = converging(n);
+        if !converge.is_empty() {
+            let _ = write!(s, "<table class=\"checks\"><caption>Training images that several outputs of {} are nearest to</caption><tr><th>training image</th><th></th><th>outputs</th></tr>", esc(&n.lora));
+            for (t, count) in converge.iter().take(12) {
+                let img = match training_png(&n.training_dir, t) {
+                    Some(p) => format!("<img src=\"{}\" alt=\"{}\" width=\"64\" height=\"64\">", data_uri(&p), esc(t)),
+                    None => "missing".into(),
+                };
+                let _ = write!(s, "<tr><td>{}</td><td>{img}</td><td>{count} of {}</td></tr>", esc(t), n.images.len());
+            }
+            s.push_str("</table>");
+        }
+    }
     Ok(s)
 }
 

@@ -134,6 +134,7 @@ pub fn merge_outcomes(parts: Vec<SuiteOutcome>) -> Result<SuiteOutcome> {
         all.slices.extend(p.slices);
         all.statistical_tests += p.statistical_tests;
         all.stacks.extend(p.stacks);
+        all.memorization.extend(p.memorization);
         all.images_total += p.images_total;
         all.generated += p.generated;
         all.cached += p.cached;

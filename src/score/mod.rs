@@ -4,4 +4,5 @@
 pub mod clip;
 
 pub use clip::Scale;
+pub mod phash;
 pub mod pixels;

@@ -76,6 +76,19 @@ pub struct SuiteLora {
     /// The character sheet: every image made with this LoRA and its trigger is scored for
     /// identity against these.
     pub references: Vec<PathBuf>,
+    /// Where its training images are, for the memorization check.
+    pub training_set: TrainingSet,
+}
+
+/// A LoRA's training images, as the memorization check finds them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainingSet {
+    /// The check does not run for this LoRA.
+    NotAsked,
+    /// A folder of images: `training_set:` as written, or the dataset the LoRA's metadata names.
+    Folder { dir: PathBuf, origin: String, from_metadata: bool },
+    /// The check was asked for but has no images to compare with: why, and what to do.
+    Missing(String),
 }
 
 impl SuiteLora {
@@ -141,7 +154,21 @@ pub struct Thresholds {
     /// The largest tolerated drop against the accepted measurements (regression and slice
     /// checks), per metric in its own units.
     pub regression: Tolerances,
+    /// The memorization check's copy threshold (identity cosine to the nearest training image);
+    /// a suite-wide number, `None` unless the suite set it.
+    pub memorization: Option<f64>,
+    /// How much closer to its nearest training image than its control an image must be to
+    /// count as a copy (identity cosine).
+    pub memorization_margin: f64,
 }
+
+/// The memorization check's threshold when a LoRA names its `training_set:` and the suite sets
+/// none. Measured on tiny-clip (docs/checks-and-verdicts.md): every image of the zorb recipe's
+/// clean retrains is at 0.56 or more from its nearest training image (600 images cover the
+/// world), so the threshold alone tells nothing there and the margin decides; it keeps out
+/// images that are far closer than their control yet unlike anything in the set. The copying
+/// LoRA's copies are at 0.62–0.91.
+pub const DEFAULT_MEMORIZATION: f64 = 0.6;
 
 /// Regression tolerances, each in its metric's units. A metric without one takes its default
 /// from the accepted run's own seed noise (see [`crate::harness::stats::tolerance_from_seed_noise`]).
@@ -182,6 +209,10 @@ impl Default for Thresholds {
             likeness: 0.5,
             stack_loss: 0.5,
             regression: Tolerances::default(),
+            memorization: None,
+            // The clean retrains' images come at most 0.24 closer to the training set than
+            // their controls, the copying LoRA's copies 0.39–0.63 (docs/checks-and-verdicts.md).
+            memorization_margin: 0.25,
         }
     }
 }
@@ -260,7 +291,7 @@ impl KnownFailure {
 /// `known_failures`).
 pub const CHECK_KINDS: &[&str] = &[
     "applied", "sanity", "images", "clip", "per-seed", "control", "effect", "leak", "word-order", "identity", "aesthetic", "diversity", "sweep", "sweep-zero",
-    "bisect", "stack", "regression", "slice", "misses", "baseline",
+    "bisect", "stack", "regression", "slice", "misses", "baseline", "memorization",
 ];
 
 #[derive(Debug, Clone)]

@@ -110,6 +110,13 @@ pub struct RawLora {
     #[serde(default)]
     #[schemars(with = "Option<Vec<String>>")]
     pub references: Option<Vec<Spanned<String>>>,
+    /// The folder of images the LoRA was trained on (kohya `N_name` folders allowed), relative
+    /// to the suite file: the `memorization` check runs for this LoRA and compares its images
+    /// with these. Default: the dataset its loragate metadata names, when the suite sets
+    /// `thresholds.memorization`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub training_set: Option<Spanned<String>>,
 }
 
 /// Generation settings for every case unless the case overrides them.
@@ -229,6 +236,16 @@ pub struct RawThresholds {
     #[serde(default)]
     #[schemars(with = "Option<RawTolerance>")]
     pub regression: Option<Spanned<RawTolerance>>,
+    /// The `memorization` check (suite level only): the image–image cosine (of the
+    /// `identity_scorer`) to its nearest training image at or above which a generated image
+    /// may be a copy (default 0.6, measured on tiny-clip). Setting it runs the check for every
+    /// LoRA cases use with its trigger; a LoRA's `training_set:` alone runs it with the default.
+    #[serde(default)]
+    pub memorization: Option<f64>,
+    /// How much closer (identity cosine) to its nearest training image than its no-LoRA
+    /// control is to its own an image must be to count as a copy (default 0.25).
+    #[serde(default)]
+    pub memorization_margin: Option<f64>,
 }
 
 /// Regression tolerances: one number for every metric, or one per metric.

@@ -179,6 +179,7 @@ pub fn starter_suite(s: &StarterSpec) -> (String, Vec<String>) {
         }
     }
     let _ = writeln!(y, "    # references: [refs/]      # the character sheet: identity is scored against it on every prompt");
+    let _ = writeln!(y, "    # training_set: data/      # its training images: the memorization check fails outputs that copy them");
     let _ = writeln!(y, "defaults:\n  seeds: [0, 1, 2, 3]       # the field notes run four\n  steps: 20");
     if let Some((w, h)) = f.resolution {
         let _ = writeln!(y, "  size: {w}x{h}            # the training resolution");

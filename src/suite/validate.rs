@@ -199,6 +199,8 @@ fn thresholds(ctx: &Ctx, base: &Thresholds, raw: &RawThresholds) -> Result<Thres
         likeness: raw.likeness.unwrap_or(base.likeness),
         stack_loss: raw.stack_loss.unwrap_or(base.stack_loss),
         regression,
+        memorization: raw.memorization.or(base.memorization),
+        memorization_margin: raw.memorization_margin.unwrap_or(base.memorization_margin),
     })
 }
 
@@ -284,6 +286,7 @@ fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
         ("diversity", t.diversity),
         ("likeness", t.likeness),
         ("stack_loss", t.stack_loss),
+        ("memorization_margin", t.memorization_margin),
     ];
     let unit = unit.into_iter().chain(t.leak.map(|v| ("leak", v)));
     for (name, v) in unit {
@@ -291,7 +294,7 @@ fn check_thresholds(ctx: &Ctx, t: &Thresholds, line: usize) -> Result<()> {
             return Err(ctx.err_at(line, 1, format!("threshold `{name}` is {v}; it must be between 0 and 1"), None));
         }
     }
-    for (name, v) in [("clip_floor", t.clip_floor), ("identity", t.identity)] {
+    for (name, v) in [("clip_floor", t.clip_floor), ("identity", t.identity)].into_iter().chain(t.memorization.map(|v| ("memorization", v))) {
         if !(-1.0..=1.0).contains(&v) {
             return Err(ctx.err_at(
                 line,
@@ -482,6 +485,7 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
             trigger: l.trigger.clone().filter(|t| !t.trim().is_empty()),
             class_word: l.class_word.clone(),
             references: resolve_references(ctx, l.references.as_deref().unwrap_or(&[]))?,
+            training_set: crate::suite::TrainingSet::NotAsked,
         });
     }
 
@@ -507,6 +511,9 @@ fn resolve(ctx: &Ctx, raw: RawSuite) -> Result<Suite> {
     };
     let suite_thresholds = thresholds(ctx, &Thresholds::default(), &raw.thresholds)?;
     check_thresholds(ctx, &suite_thresholds, 1)?;
+    for (l, rl) in loras.iter_mut().zip(&raw.loras) {
+        l.training_set = training_set(ctx, rl, &l.file, suite_thresholds.memorization.is_some())?;
+    }
 
     let mut cases = Vec::with_capacity(raw.cases.len());
     let mut names = BTreeSet::new();
@@ -614,6 +621,14 @@ fn resolve_case(
         Some(list) => parse_adapters(ctx, list, loras)?,
         None => default_adapters.to_vec(),
     };
+    if rc.thresholds.as_ref().is_some_and(|t| t.memorization.is_some() || t.memorization_margin.is_some()) {
+        return Err(ctx.err_at(
+            line,
+            1,
+            format!("case `{name}` sets `memorization` thresholds: the memorization check judges all of a LoRA's images across the suite at once"),
+            Some("set `memorization` and `memorization_margin` in the suite's `thresholds:`".into()),
+        ));
+    }
     let mut thresholds = thresholds(ctx, suite_thresholds, rc.thresholds.as_ref().unwrap_or(&RawThresholds::default()))?;
     if rc.thresholds.as_ref().is_some_and(|t| t.clip_scale.is_none()) {
         thresholds.clip_scale = suite_thresholds.clip_scale;
@@ -727,6 +742,75 @@ fn resolve_case(
         thresholds,
         line,
     })
+}
+
+/// A LoRA's training images for the memorization check: `training_set:` as written (it must be
+/// a folder with images), else, when the suite asks for the check, the dataset its loragate
+/// metadata names. A named folder that is not there is recorded as missing (the check then
+/// says so), never skipped.
+fn training_set(ctx: &Ctx, l: &raw::RawLora, file: &LoraFile, asked: bool) -> Result<crate::suite::TrainingSet> {
+    use crate::suite::TrainingSet;
+    let count = |dir: &Path| crate::train::dataset::scan(dir).map(|s| s.images.len()).unwrap_or(0);
+    if let Some(t) = &l.training_set {
+        let dir = ctx.path(&t.value);
+        if !dir.is_dir() {
+            return Err(ctx.err(t, format!("training set `{}` not found (looked at {})", t.value, dir.display()), Some("a folder of training images, relative to the suite file".into())));
+        }
+        if count(&dir) == 0 {
+            return Err(ctx.err(
+                t,
+                format!("training set `{}` has no images (looked for {} at its top level and in N_name folders)", t.value, crate::train::dataset::IMAGE_EXTENSIONS.join(", ")),
+                None,
+            ));
+        }
+        return Ok(TrainingSet::Folder { dir, origin: format!("training_set: {}", t.value), from_metadata: false });
+    }
+    if !asked {
+        return Ok(TrainingSet::NotAsked);
+    }
+    Ok(training_set_from_metadata(&l.name.value, file, &ctx.dir))
+}
+
+/// The training set a LoRA file's loragate metadata names (`dataset` of
+/// `loragate.training_config`), for a suite in `suite_dir`: a folder of images, or why not.
+pub fn training_set_from_metadata(name: &str, file: &LoraFile, suite_dir: &Path) -> crate::suite::TrainingSet {
+    use crate::suite::TrainingSet;
+    let count = |dir: &Path| crate::train::dataset::scan(dir).map(|s| s.images.len()).unwrap_or(0);
+    let named = file
+        .metadata
+        .get("loragate.training_config")
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
+        .and_then(|c| c["dataset"].as_str().map(str::to_string));
+    let Some(named) = named else {
+        return TrainingSet::Missing(format!(
+            "LoRA `{name}` has no `training_set:` and its file's metadata names no loragate dataset: set `training_set:` to the folder it was trained on"
+        ));
+    };
+    // Recipes name datasets relative to where `loragate train` ran (usually a project root),
+    // so look in the suite's and the LoRA file's projects, in the working directory, beside
+    // the LoRA file and beside the suite.
+    let p = Path::new(&named);
+    let lora_dir = file.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let candidates: Vec<PathBuf> = if p.is_absolute() {
+        vec![p.to_path_buf()]
+    } else {
+        let mut c = vec![crate::harness::project_root(suite_dir).join(p), crate::harness::project_root(lora_dir).join(p)];
+        if let Ok(cwd) = std::env::current_dir() {
+            c.push(cwd.join(p));
+        }
+        c.push(lora_dir.join(p));
+        c.push(suite_dir.join(p));
+        let mut seen = std::collections::HashSet::new();
+        c.retain(|d| seen.insert(d.clone()));
+        c
+    };
+    match candidates.iter().find(|d| d.is_dir() && count(d) > 0) {
+        Some(dir) => TrainingSet::Folder { dir: dir.clone(), origin: format!("the dataset its metadata names, {named}"), from_metadata: true },
+        None => TrainingSet::Missing(format!(
+            "LoRA `{name}`'s metadata names the dataset `{named}`, and no folder of images is there (looked at {}): regenerate it with the LoRA's training recipe, or set `training_set:`",
+            candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(", ")
+        )),
+    }
 }
 
 /// Reference images as written (files, or folders of images), each decoded now so a corrupt

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::dataset::{FoundImage, Scan, TrainImage, bucket_for, buckets, dataset_hash, read_caption, scan};
 use crate::error::Result;
+pub use crate::score::phash::{HASH_BITS, PerceptualHash};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -134,54 +135,6 @@ impl DatasetCheck {
         }
         out.push_str(&summary);
         out
-    }
-}
-
-/// Bits in a perceptual hash: 16×16 horizontal and 16×16 vertical neighbour comparisons, two
-/// bits each (brighter by more than a dead zone, darker by more than it).
-pub const HASH_BITS: u32 = 1024;
-
-/// A difference hash (dHash) with a dead zone. Plain dHash sets a bit whenever one pixel is
-/// brighter than its neighbour, so flat areas (skies, studio backdrops) flip bits on
-/// compression noise; here a pair sets a bit only when it differs by more than 2/255, in
-/// either direction, and horizontal and vertical neighbours both count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PerceptualHash([u64; 16]);
-
-impl PerceptualHash {
-    pub fn of(img: &RgbImage) -> Self {
-        const DEAD: f32 = 2.0;
-        let gray = image::DynamicImage::ImageRgb8(img.clone()).to_luma32f();
-        let small_h = image::imageops::resize(&gray, 17, 16, image::imageops::FilterType::Triangle);
-        let small_v = image::imageops::resize(&gray, 16, 17, image::imageops::FilterType::Triangle);
-        let mut bits = [0u64; 16];
-        let mut i = 0usize;
-        let mut push = |d: f32| {
-            // Luma32f is in [0, 1].
-            let d = d * 255.0;
-            if d > DEAD {
-                bits[i / 64] |= 1 << (i % 64);
-            }
-            if d < -DEAD {
-                bits[(i + 1) / 64] |= 1 << ((i + 1) % 64);
-            }
-            i += 2;
-        };
-        for y in 0..16 {
-            for x in 0..16 {
-                push(small_h.get_pixel(x, y)[0] - small_h.get_pixel(x + 1, y)[0]);
-            }
-        }
-        for y in 0..16 {
-            for x in 0..16 {
-                push(small_v.get_pixel(x, y)[0] - small_v.get_pixel(x, y + 1)[0]);
-            }
-        }
-        PerceptualHash(bits)
-    }
-
-    pub fn distance(&self, other: &Self) -> u32 {
-        self.0.iter().zip(&other.0).map(|(a, b)| (a ^ b).count_ones()).sum()
     }
 }
 
@@ -341,30 +294,4 @@ pub fn check_scan(s: &Scan, o: &CheckOptions) -> DatasetCheck {
         });
     }
     DatasetCheck { root: s.root.clone(), findings, images, scanned: s.images.len(), hash: dataset_hash(&identity) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scene(dx: u32, bg: u8) -> RgbImage {
-        RgbImage::from_fn(128, 128, |x, y| {
-            let (cx, cy) = (40 + dx as i32, 64);
-            let d = ((x as i32 - cx).pow(2) + (y as i32 - cy).pow(2)) as f32;
-            if d < 400.0 { image::Rgb([230, 60, 200]) } else { image::Rgb([bg, 170, (245 - y / 2) as u8]) }
-        })
-    }
-
-    #[test]
-    fn hash_sees_resized_and_noisy_copies_but_not_other_scenes() {
-        let a = scene(0, 110);
-        let h = PerceptualHash::of(&a);
-        let small = image::imageops::resize(&a, 96, 96, image::imageops::FilterType::Triangle);
-        let noisy = super::super::augment::add_noise(&a, 0.01, &mut crate::model::noise::Rng::new(1));
-        assert!(h.distance(&PerceptualHash::of(&small)) <= 8, "{}", h.distance(&PerceptualHash::of(&small)));
-        assert!(h.distance(&PerceptualHash::of(&noisy)) <= 8, "{}", h.distance(&PerceptualHash::of(&noisy)));
-        let moved = PerceptualHash::of(&scene(40, 110));
-        assert!(h.distance(&moved) > 16, "{}", h.distance(&moved));
-        assert_eq!(h.distance(&h), 0);
-    }
 }
