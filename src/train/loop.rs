@@ -6,6 +6,11 @@
 //! `augment_variants` augmented copies are drawn (seeded per image, bucket and copy, so the
 //! cache does not depend on the order of work) and encoded by the VAE; a step picks one copy.
 //! Text encodings are cached by caption string.
+//!
+//! Held-out images ([`Trainer::set_heldout`]) are encoded once too, without augmentation, and
+//! never reach the sampler. Their loss ([`Trainer::heldout_loss`]) uses fixed timesteps and
+//! fixed noise per image, so it is a function of the LoRA alone: it compares checkpoints, and
+//! runs on the same held-out images whatever their seeds.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -26,6 +31,23 @@ use crate::progress::Progress;
 /// Most captions whose encodings are kept (a shuffled caption rarely repeats exactly, so
 /// the cache is bounded rather than grown forever).
 const TEXT_CACHE_LIMIT: usize = 4096;
+
+/// The held-out loss's timesteps, as fractions of the schedule: four, spread evenly from
+/// nearly clean to nearly pure noise (the midpoints of four equal spans).
+pub const HELDOUT_TIMESTEPS: [f64; 4] = [0.125, 0.375, 0.625, 0.875];
+
+/// The held-out noise's seed: a constant, not the run's seed, so runs with different seeds
+/// measure their held-out images against the same noise.
+const HELDOUT_SEED: u64 = 0x4845_4c44_4f55_5421;
+
+/// A held-out sample: its latent, plain caption and fixed noise.
+#[derive(Debug, Clone)]
+struct HeldOutSample {
+    bucket: (usize, usize),
+    latent: Tensor,
+    noise: Tensor,
+    caption: String,
+}
 
 /// One cached training sample: a latent and the tags its augmentations add.
 #[derive(Debug, Clone)]
@@ -70,6 +92,7 @@ pub struct Trainer<'a> {
     sampler: BatchSampler,
     latents: HashMap<(Entry, usize), CachedLatent>,
     text_cache: HashMap<String, Tensor>,
+    heldout: Vec<HeldOutSample>,
     /// Steps done.
     pub step: usize,
 }
@@ -109,6 +132,7 @@ impl<'a> Trainer<'a> {
             sampler,
             latents: HashMap::new(),
             text_cache: HashMap::new(),
+            heldout: Vec::new(),
             step: 0,
             cfg,
         };
@@ -197,9 +221,17 @@ impl<'a> Trainer<'a> {
             noise_parts.push(randn(rng, &dims[1..], &Device::Cpu)?);
             ts.push(rng.below(n_train));
         }
-        let noise = Tensor::stack(&noise_parts, 0)?.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
-        let noisy = self.pipe.schedule.add_noise(&x0, &noise, &ts)?;
-        let target = self.pipe.schedule.training_target(&x0, &noise, &ts)?.to_dtype(self.pipe.dtype)?;
+        let noise = Tensor::stack(&noise_parts, 0)?;
+        self.loss_at(&x0, &noise, &ts, captions)
+    }
+
+    /// The MSE of the UNet's prediction against the training target for latents `x0`, `noise`
+    /// (on the CPU) and timesteps `ts`.
+    fn loss_at(&mut self, x0: &Tensor, noise: &Tensor, ts: &[usize], captions: &[String]) -> Result<Tensor> {
+        let b = ts.len();
+        let noise = noise.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+        let noisy = self.pipe.schedule.add_noise(x0, &noise, ts)?;
+        let target = self.pipe.schedule.training_target(x0, &noise, ts)?.to_dtype(self.pipe.dtype)?;
         let t = Tensor::from_vec(ts.iter().map(|&t| t as f32).collect::<Vec<_>>(), b, &self.pipe.device)?;
         let context = self.encode_captions(captions)?;
         let pred = self.pipe.unet.forward(&noisy, &t, &context, None)?;
@@ -271,6 +303,62 @@ impl<'a> Trainer<'a> {
             count += ks.len();
         }
         Ok(total / count.max(1) as f64)
+    }
+
+    /// Encodes the held-out images (each at every training resolution, no augmentation) and
+    /// draws their fixed noise. They are kept apart from the training images: the sampler never
+    /// sees them.
+    pub fn set_heldout(&mut self, images: &[TrainImage], progress: &Progress) -> Result<()> {
+        let mut all = entries(images, &self.cfg.resolutions, self.cfg.bucket_step, self.cfg.max_aspect);
+        all.sort_by_key(|e| (e.bucket, e.image));
+        self.heldout.clear();
+        for chunk in all.chunk_by(|a, b| a.bucket == b.bucket) {
+            for part in chunk.chunks(8) {
+                let imgs: Vec<image::RgbImage> = part.iter().map(|e| fit_to_bucket(&images[e.image].image, e.bucket)).collect();
+                let pixels = images_to_tensor(&imgs, &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+                let lat = self.pipe.vae.encode(&pixels)?;
+                for (k, e) in part.iter().enumerate() {
+                    let latent = lat.get(k)?;
+                    // Noise per image and bucket, from the held-out stream alone.
+                    let mut rng = Rng::new(mix(HELDOUT_SEED, &[e.image as u64, e.bucket.0 as u64, e.bucket.1 as u64]));
+                    let noise = randn(&mut rng, latent.dims(), &Device::Cpu)?;
+                    self.heldout.push(HeldOutSample { bucket: e.bucket, latent, noise, caption: images[e.image].caption.clone() });
+                }
+                progress.inc(part.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Held-out samples (images × resolutions).
+    pub fn heldout_len(&self) -> usize {
+        self.heldout.len()
+    }
+
+    /// The mean loss over the held-out samples at [`HELDOUT_TIMESTEPS`], with their fixed
+    /// noise; `None` without held-out images. No gradients are taken.
+    pub fn heldout_loss(&mut self) -> Result<Option<f64>> {
+        if self.heldout.is_empty() {
+            return Ok(None);
+        }
+        let n_train = self.pipe.schedule.alphas_cumprod.len();
+        let samples = self.heldout.clone();
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for group in samples.chunk_by(|a, b| a.bucket == b.bucket) {
+            for part in group.chunks(8) {
+                let x0 = Tensor::stack(&part.iter().map(|s| s.latent.clone()).collect::<Vec<_>>(), 0)?;
+                let noise = Tensor::stack(&part.iter().map(|s| s.noise.clone()).collect::<Vec<_>>(), 0)?;
+                let captions: Vec<String> = part.iter().map(|s| s.caption.clone()).collect();
+                for f in HELDOUT_TIMESTEPS {
+                    let t = ((f * n_train as f64) as usize).min(n_train - 1);
+                    let loss = self.loss_at(&x0, &noise, &vec![t; part.len()], &captions)?.detach();
+                    total += loss.to_scalar::<f32>()? as f64 * part.len() as f64;
+                    count += part.len();
+                }
+            }
+        }
+        Ok(Some(total / count as f64))
     }
 
     /// The epoch the sampler is in (1-based once training has started).
