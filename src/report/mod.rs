@@ -1,5 +1,6 @@
 //! Reports of a suite run, all read from one [`SuiteOutcome`]: the console table, JUnit XML,
-//! a Markdown summary (`$GITHUB_STEP_SUMMARY`) and a self-contained HTML review page.
+//! a Markdown summary (`$GITHUB_STEP_SUMMARY`) and a self-contained HTML review page; and the
+//! training report ([`training`], its charts by [`charts`]).
 
 pub mod charts;
 pub mod console;

@@ -93,6 +93,8 @@ pub struct Trainer<'a> {
     latents: HashMap<(Entry, usize), CachedLatent>,
     text_cache: HashMap<String, Tensor>,
     heldout: Vec<HeldOutSample>,
+    /// The images (indices into `images`) of the last step's batch.
+    last_batch: Vec<usize>,
     /// Steps done.
     pub step: usize,
 }
@@ -133,6 +135,7 @@ impl<'a> Trainer<'a> {
             latents: HashMap::new(),
             text_cache: HashMap::new(),
             heldout: Vec::new(),
+            last_batch: Vec::new(),
             step: 0,
             cfg,
         };
@@ -250,6 +253,7 @@ impl<'a> Trainer<'a> {
             captions.push(process_caption(&self.images[e.image].caption, &tags, &self.cfg.caption, &mut self.rng));
             batch.push((e, v));
         }
+        self.last_batch = batch.iter().map(|(e, _)| e.image).collect();
         let mut rng = std::mem::replace(&mut self.rng, Rng::new(0));
         let loss = self.batch_loss(&batch, &captions, &mut rng);
         self.rng = rng;
@@ -328,6 +332,12 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The images of the last step's batch, as indices into [`Trainer::images`] (the training
+    /// images only: held-out images are not among them).
+    pub fn last_batch(&self) -> &[usize] {
+        &self.last_batch
     }
 
     /// Held-out samples (images × resolutions).
