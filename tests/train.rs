@@ -593,7 +593,12 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
     assert_eq!(chosen.metadata["loragate.step"], "2");
     assert_eq!(chosen.metadata["loragate.pick_reason"], outcome.choice.reason);
     assert_eq!(chosen.metadata["loragate.heldout_loss"], step2.metadata["loragate.heldout_loss"]);
-    assert_eq!(chosen.tensors.len(), step2.tensors.len());
+    let (a, b) = (std::fs::read(&outcome.final_path).unwrap(), std::fs::read(dir.join("out").join("data-step2.safetensors")).unwrap());
+    let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (name, t) in b.tensors() {
+        assert_eq!(a.tensor(&name).unwrap().data(), t.data(), "{name}");
+    }
     // Held-out loss: in the table, the CSV and each checkpoint's metadata.
     assert_eq!(outcome.heldout_images, vec!["0000.png".to_string(), "0001.png".to_string()]);
     let held: Vec<f64> = outcome.evaluations.iter().map(|e| e.heldout.unwrap()).collect();
@@ -610,7 +615,7 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
         assert!(html.contains(title), "no {title} chart");
     }
     assert!(html.contains("<polyline") && html.contains("<circle"), "plotters' lines and dots");
-    assert_eq!(html.matches("class=\"thumb").count(), 2, "one thumbnail per checkpoint");
+    assert_eq!(html.matches("<figure class=\"thumb").count(), 2, "one thumbnail per checkpoint");
     assert!(html.contains("zorb, large, sky background"), "the thumbnails' prompt");
     assert!(html.contains("<b>Chosen: step 2</b>") && html.contains(&outcome.choice.reason), "the pick and its reason");
     let _ = std::fs::remove_dir_all(&dir);

@@ -62,6 +62,8 @@ pub fn svg(chart: &Chart, width: u32, height: u32) -> Result<String> {
         let (y0, y1) = y_range(&chart.series);
         let (x0, x1) = chart.x_range;
         let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
+        // Enough decimals that neighbouring tick labels differ (five ticks over the span).
+        let decimals = ((-((y1 - y0) / 5.0).log10()).ceil().max(0.0) as usize + 1).clamp(2, 8);
         let mut c = ChartBuilder::on(&root)
             .caption(&chart.title, ("sans-serif", 15))
             .margin(8)
@@ -75,7 +77,7 @@ pub fn svg(chart: &Chart, width: u32, height: u32) -> Result<String> {
             .x_labels(6)
             .y_labels(5)
             .x_label_formatter(&|x| format!("{x:.0}"))
-            .y_label_formatter(&|y| format!("{y:.3}"))
+            .y_label_formatter(&|y| format!("{y:.decimals$}"))
             .light_line_style(RGBColor(0xee, 0xee, 0xee))
             .draw()
             .map_err(chart_error)?;
