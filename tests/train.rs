@@ -718,7 +718,7 @@ fn a_run_stops_early_when_the_held_out_loss_stops_improving() {
     assert!(last < cfg.steps, "it stopped before {} steps", cfg.steps);
     assert_eq!(outcome.steps.len(), last, "no step after the stop");
     let why = outcome.stopped_early.clone().unwrap();
-    assert!(why.starts_with(&format!("at step {last} of 16: stopped early")), "{why}");
+    assert!(why.starts_with(&format!("at step {last} of 16: neither the held-out loss nor the suite's scores improved")), "{why}");
     assert!(text.contains("stopped early"), "{text}");
     // No suite: the lowest held-out loss is shipped.
     let (best_i, _) = heldout.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();

@@ -326,7 +326,7 @@ pub fn run(cfg: &TrainConfig, opts: &TrainOptions, log: &mut dyn FnMut(&str)) ->
                 evaluations.push(eval);
             }
             if let Some(why) = cfg.early_stop.and_then(|e| pick::stop_reason(&evaluations, e.patience)) {
-                let line = format!("step {}: {why}", s.step);
+                let line = format!("step {}: stopped early: {why}", s.step);
                 progress.suspend(|| log(&line));
                 stopped_early = Some(format!("at step {} of {}: {why}", s.step, cfg.steps));
                 break;

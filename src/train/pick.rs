@@ -126,19 +126,24 @@ pub fn choose(evals: &[Evaluation], rule: PickRule) -> Choice {
         (pool, format!("NO checkpoint passes every check; this one has the fewest failures ({fewest})"))
     };
 
-    // Each criterion's ranks within the pool.
-    let mut criteria: Vec<(&'static str, Vec<Option<f64>>, Vec<Option<f64>>)> = Vec::new();
-    let heldout: Vec<Option<f64>> = pool.iter().map(|e| e.heldout).collect();
-    criteria.push(("held-out loss", ranks(&heldout, false), heldout));
-    for k in 0..3 {
-        let vals: Vec<Option<f64>> = pool.iter().map(|e| e.suite.as_ref().and_then(|s| s.ranked()[k].1)).collect();
-        let name = SuiteScores::default().ranked()[k].0;
-        criteria.push((name, ranks(&vals, true), vals));
+    // Each criterion's values and ranks within the pool.
+    struct Criterion {
+        name: &'static str,
+        ranks: Vec<Option<f64>>,
+        values: Vec<Option<f64>>,
     }
-    criteria.retain(|(_, r, _)| r.iter().any(Option::is_some));
+    let mut criteria: Vec<Criterion> = Vec::new();
+    let heldout: Vec<Option<f64>> = pool.iter().map(|e| e.heldout).collect();
+    criteria.push(Criterion { name: "held-out loss", ranks: ranks(&heldout, false), values: heldout });
+    for k in 0..3 {
+        let values: Vec<Option<f64>> = pool.iter().map(|e| e.suite.as_ref().and_then(|s| s.ranked()[k].1)).collect();
+        let name = SuiteScores::default().ranked()[k].0;
+        criteria.push(Criterion { name, ranks: ranks(&values, true), values });
+    }
+    criteria.retain(|c| c.ranks.iter().any(Option::is_some));
     let mean_rank: Vec<f64> = (0..pool.len())
         .map(|i| {
-            let rs: Vec<f64> = criteria.iter().filter_map(|(_, r, _)| r[i]).collect();
+            let rs: Vec<f64> = criteria.iter().filter_map(|c| c.ranks[i]).collect();
             if rs.is_empty() { f64::INFINITY } else { rs.iter().sum::<f64>() / rs.len() as f64 }
         })
         .collect();
@@ -156,7 +161,7 @@ pub fn choose(evals: &[Evaluation], rule: PickRule) -> Choice {
     } else {
         let parts: Vec<String> = criteria
             .iter()
-            .map(|(name, r, v)| format!("{name} {} (rank {})", fmt_opt(v[w]), r[w].map(|r| format!("{r}")).unwrap_or_else(|| "-".into())))
+            .map(|c| format!("{} {} (rank {})", c.name, fmt_opt(c.values[w]), c.ranks[w].map(|r| format!("{r}")).unwrap_or_else(|| "-".into())))
             .collect();
         let tie = order.len() > 1 && mean_rank[order[1]] == mean_rank[w];
         format!(
@@ -213,7 +218,7 @@ pub fn stop_reason(evals: &[Evaluation], patience: usize) -> Option<String> {
     let best_step = last_improved.map(|i| evals[i].step);
     let steps: Vec<String> = evals[evals.len() - since..].iter().map(|e| e.step.to_string()).collect();
     Some(format!(
-        "stopped early: neither the held-out loss nor the suite's scores improved for {since} evaluation(s) (steps {}; patience {patience}){}",
+        "neither the held-out loss nor the suite's scores improved for {since} evaluation(s) (steps {}; patience {patience}){}",
         steps.join(", "),
         best_step.map(|s| format!("; the last improvement was at step {s}")).unwrap_or_default()
     ))
@@ -312,7 +317,7 @@ mod tests {
         assert!(why.contains("for 2 evaluation(s) (steps 300, 400; patience 2)") && why.contains("last improvement was at step 200"), "{why}");
         assert_eq!((1..=evals.len()).find(|&n| stop_reason(&evals[..n], 3).is_some()), Some(5));
         // A suite score that improves keeps training going although the loss does not.
-        let evals = vec![
+        let evals = [
             ev(100, 0.4, suite(0, 0.40, 0.4, 0.4)),
             ev(200, 0.5, suite(0, 0.41, 0.4, 0.4)),
             ev(300, 0.5, suite(0, 0.40, 0.4, 0.4)),
