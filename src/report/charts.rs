@@ -62,8 +62,10 @@ pub fn svg(chart: &Chart, width: u32, height: u32) -> Result<String> {
         let (y0, y1) = y_range(&chart.series);
         let (x0, x1) = chart.x_range;
         let x1 = if x1 > x0 { x1 } else { x0 + 1.0 };
-        // Enough decimals that neighbouring tick labels differ (five ticks over the span).
-        let decimals = ((-((y1 - y0) / 5.0).log10()).ceil().max(0.0) as usize + 1).clamp(2, 8);
+        // Enough decimals that neighbouring tick labels differ (about five ticks over the span);
+        // none for ticks a unit or more apart (counts).
+        let tick_digits = (-((y1 - y0) / 5.0).log10()).ceil();
+        let decimals = if tick_digits <= 0.0 { 0 } else { (tick_digits as usize + 1).min(8) };
         let mut c = ChartBuilder::on(&root)
             .caption(&chart.title, ("sans-serif", 15))
             .margin(8)

@@ -65,6 +65,8 @@ main{padding:14px 24px}
 .stopped{background:#fff6e0;border-left:6px solid #d89b00;border-radius:8px;padding:8px 14px;margin:0 0 14px}
 .charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
 .charts figure{margin:0;background:#fff;border-radius:8px;padding:6px;box-shadow:0 1px 2px #0002}
+.charts svg{width:100%;height:auto}
+.rule{color:#555;font-size:12px;margin-top:4px}
 .thumbs{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0 14px}
 .thumbs figure{margin:0;text-align:center;font-size:12px;padding:4px;border:3px solid transparent;border-radius:6px;background:#fff}
 .thumbs figure.chosen{border-color:#7b3fbf}
@@ -147,6 +149,12 @@ pub fn charts(r: &TrainingRun) -> Vec<Chart> {
     out
 }
 
+/// The pick rules in one line each (by [`PickRule`] order), shown under the choice.
+const RULES: [&str; 2] = [
+    "Rule (pick: best): checkpoints that pass every check first; then the lowest mean rank over held-out loss (lower is better), CLIP, identity and diversity (higher is better); ties go to the lower held-out loss, then the later step.",
+    "Rule (pick: latest-passing): the latest checkpoint that passes every check.",
+];
+
 /// The report page.
 pub fn to_html(r: &TrainingRun) -> Result<String> {
     let mut h = String::new();
@@ -178,9 +186,10 @@ pub fn to_html(r: &TrainingRun) -> Result<String> {
         Some(s) => {
             let _ = write!(
                 h,
-                "<div class=\"pick\" id=\"chosen\"><b>Chosen: step {s}</b>, written as <code>{}</code> (pick: {pick_name}).<br>{}</div>",
+                "<div class=\"pick\" id=\"chosen\"><b>Chosen: step {s}</b>, written as <code>{}</code> (pick: {pick_name}).<br>{}<div class=\"rule\">{}</div></div>",
                 esc(&file),
-                esc(&r.choice.reason)
+                esc(&r.choice.reason),
+                RULES[r.pick as usize]
             );
         }
         None => {
