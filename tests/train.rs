@@ -486,6 +486,39 @@ fn bad_configs_are_located_errors() {
     assert!(e.contains("no dataset folder given"), "{e}");
     let e = err("dataset: d\nvalidation_every: 10\n");
     assert!(e.contains("no validation suite"), "{e}");
+    // Held-out split, pick and early stopping.
+    let e = err("dataset: d\nvalidation_split: 1.0\n");
+    assert!(e.starts_with("configs/zorb.yaml:2:19: validation_split: 1 is not a fraction between 0 and 1"), "{e}");
+    let e = err("dataset: d\nvalidation_split: 0\n");
+    assert!(e.contains(":2:19: validation_split: 0 is not a fraction") && e.contains("hint:"), "{e}");
+    let e = err("dataset: d\nvalidation_split: no/such/folder\n");
+    assert!(e.contains(":2:19: validation_split: folder configs/no/such/folder does not exist"), "{e}");
+    let e = err("dataset: d\npick: newest\n");
+    assert!(e.contains(":2:7: pick: unknown rule `newest`") && e.contains("best or latest-passing"), "{e}");
+    let e = err("dataset: d\nvalidation_split: 0.1\nearly_stop: { patience: 0 }\n");
+    assert!(e.contains(":3:25: early_stop.patience: must be at least 1"), "{e}");
+    let e = err("dataset: d\ncheckpoint_every: 10\nearly_stop: { patience: 2 }\n");
+    assert!(e.contains("early_stop: has nothing to watch"), "{e}");
+    let e = err("dataset: d\nvalidation_split: 0.1\nearly_stop: { patience: 2 }\n");
+    assert!(e.contains("early_stop: needs checkpoints"), "{e}");
+    let e = err("dataset: d\nearly_stop: { patience: 2, min_delta: 0.1 }\n");
+    assert!(e.contains("unknown field `min_delta`"), "{e}");
+    let o = Overrides { dataset: Some("d".into()), pick: Some("worst".into()), ..Default::default() };
+    assert!(TrainConfig::from_overrides(&o).unwrap_err().to_string().starts_with("--pick: unknown rule `worst`"));
+    // A split that leaves either side empty is refused before any model loads.
+    let tiny = temp("tiny-split");
+    world_dataset(&tiny, None, 3, 64, 2);
+    let cfg = TrainConfig::from_overrides(&Overrides {
+        dataset: Some(tiny.clone()),
+        validation_split: Some("0.1".into()),
+        resolution: Some(vec![64]),
+        output_dir: Some(tiny.join("out")),
+        ..Default::default()
+    })
+    .unwrap();
+    let e = loragate::train::run(&cfg, &TrainOptions::cpu(), &mut |_| {}).unwrap_err().to_string();
+    assert!(e.contains("validation_split 0.1 of 3 image(s) holds out none") && e.contains(&tiny.display().to_string()), "{e}");
+    let _ = std::fs::remove_dir_all(&tiny);
     // Flags are named in their errors.
     let o = Overrides { dataset: Some("d".into()), rank: Some(0), ..Default::default() };
     let e = TrainConfig::from_overrides(&o).unwrap_err().to_string();
@@ -528,8 +561,10 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
         lora.display()
     );
     std::fs::write(dir.join("suite.yaml"), suite).unwrap();
+    // Held-out images in a folder of their own (the training set stays the 8 images).
+    world_dataset(&dir.join("held"), Some(Concept::Zorb), 2, 64, 40);
     let cfg_text = "dataset: data\noutput_dir: out\nsteps: 4\nbatch_size: 2\nresolution: 64\nrank: 4\nlearning_rate: 1e-2\nlr_schedule: constant\nwarmup_steps: 0\n\
-                    checkpoint_every: 2\nvalidation_suite: suite.yaml\nvalidation_every: 2\nformat: diffusers\n";
+                    checkpoint_every: 2\nvalidation_suite: suite.yaml\nvalidation_every: 2\nformat: diffusers\nvalidation_split: held\n";
     std::fs::write(dir.join("train.yaml"), cfg_text).unwrap();
     let cfg = TrainConfig::load(&dir.join("train.yaml"), &Overrides::default()).unwrap();
     let mut lines = Vec::new();
@@ -548,11 +583,199 @@ fn checkpoints_are_validated_by_a_suite_and_the_best_is_named() {
     assert!(text.contains("step 2") && text.contains("step 4"), "{text}");
     let junit = std::fs::read_to_string(outcome.junit.as_ref().unwrap()).unwrap();
     assert!(junit.contains("train-check@step2") && junit.contains("train-check@step4"), "{junit}");
-    // The best checkpoint is the latest that passes, not the last one.
+    // The chosen checkpoint is the one that passes, not the last one.
     assert_eq!(outcome.best, Some(2), "{text}");
-    assert!(text.contains(&format!("best passing checkpoint: {}", dir.join("out").join("data-step2.safetensors").display())), "{text}");
+    assert!(text.contains(&format!("chosen checkpoint: step 2 → {}", dir.join("out").join("data.safetensors").display())), "{text}");
+    assert!(outcome.choice.reason.contains("passes every check (1 of 2 checkpoints do)"), "{}", outcome.choice.reason);
+    // <name>.safetensors is the step-2 checkpoint (same tensors) with the reason added.
+    let chosen = LoraFile::load(&outcome.final_path).unwrap();
+    let step2 = LoraFile::load(&dir.join("out").join("data-step2.safetensors")).unwrap();
+    assert_eq!(chosen.metadata["loragate.step"], "2");
+    assert_eq!(chosen.metadata["loragate.pick_reason"], outcome.choice.reason);
+    assert_eq!(chosen.metadata["loragate.heldout_loss"], step2.metadata["loragate.heldout_loss"]);
+    let (a, b) = (std::fs::read(&outcome.final_path).unwrap(), std::fs::read(dir.join("out").join("data-step2.safetensors")).unwrap());
+    let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+    assert_eq!(a.len(), b.len());
+    for (name, t) in b.tensors() {
+        assert_eq!(a.tensor(&name).unwrap().data(), t.data(), "{name}");
+    }
+    // Held-out loss: in the table, the CSV and each checkpoint's metadata.
+    assert_eq!(outcome.heldout_images, vec!["0000.png".to_string(), "0001.png".to_string()]);
+    let held: Vec<f64> = outcome.evaluations.iter().map(|e| e.heldout.unwrap()).collect();
+    assert_eq!(held.len(), 2);
+    assert!(text.contains(&format!("{:.4}", held[1])) && text.contains("← chosen"), "{text}");
     let csv = std::fs::read_to_string(&outcome.log).unwrap();
     assert_eq!(csv.lines().count(), 5);
+    assert!(csv.lines().nth(4).unwrap().ends_with(&format!(",{:.6}", held[1])), "{csv}");
+    assert!(csv.lines().nth(1).unwrap().ends_with(','), "no held-out loss between checkpoints: {csv}");
+    // The report: charts drawn by plotters, one thumbnail per checkpoint, the pick and why.
+    let html = std::fs::read_to_string(&outcome.report).unwrap();
+    assert!(html.matches("<svg").count() >= 4, "training loss, held-out loss, CLIP, checks");
+    for title in ["Training loss", "Held-out loss", "CLIP mean", "Checks passed and failed"] {
+        assert!(html.contains(title), "no {title} chart");
+    }
+    assert!(html.contains("<polyline") && html.contains("<circle"), "plotters' lines and dots");
+    assert_eq!(html.matches("<figure class=\"thumb").count(), 2, "one thumbnail per checkpoint");
+    assert!(html.contains("zorb, large, sky background"), "the thumbnails' prompt");
+    assert!(html.contains("<b>Chosen: step 2</b>") && html.contains(&outcome.choice.reason), "the pick and its reason");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `validation_split` holds images out: the trainer's images and every batch it draws are
+/// training images only; the held-out loss is the same when measured again for the same LoRA
+/// (and for another seed's untrained LoRA, whose `up` matrices are zero too), and moves when
+/// training changes the LoRA.
+#[test]
+fn held_out_images_are_never_trained_on_and_their_loss_is_fixed() {
+    let dir = temp("heldout");
+    let data = dir.join("data");
+    world_dataset(&data, Some(Concept::Zorb), 10, 64, 3);
+    let cfg = TrainConfig::from_overrides(&Overrides {
+        dataset: Some(data.clone()),
+        output_dir: Some(dir.join("out")),
+        steps: Some(6),
+        batch_size: Some(2),
+        rank: Some(4),
+        learning_rate: Some(1e-2),
+        resolution: Some(vec![64]),
+        validation_split: Some("0.2".into()),
+        seed: Some(9),
+        ..Default::default()
+    })
+    .unwrap();
+    let (cfg, location, check) = prepare(&cfg).unwrap();
+    let (train, held) = loragate::train::split_images(&cfg, &check).unwrap();
+    let names = |v: &[loragate::train::dataset::TrainImage]| v.iter().map(|i| i.rel.clone()).collect::<std::collections::BTreeSet<_>>();
+    let (train_names, held_names) = (names(&train), names(&held));
+    assert_eq!((train_names.len(), held_names.len()), (8, 2));
+    assert!(train_names.is_disjoint(&held_names));
+    assert_eq!(train_names.union(&held_names).cloned().collect::<std::collections::BTreeSet<_>>(), names(&check.images));
+    assert_eq!(loragate::train::split_images(&cfg, &check).unwrap().1.iter().map(|i| &i.rel).collect::<Vec<_>>(), held.iter().map(|i| &i.rel).collect::<Vec<_>>(), "the split is fixed by the seed");
+
+    let pipe = Pipeline::load(&location, DType::F32, &Device::Cpu).unwrap();
+    let mut trainer = Trainer::new(&pipe, cfg.clone(), train.clone(), &Progress::hidden()).unwrap();
+    trainer.set_heldout(&held, &Progress::hidden()).unwrap();
+    assert_eq!(trainer.heldout_len(), 2);
+    assert!(trainer.images.iter().all(|i| !held_names.contains(&i.rel)));
+    let before = trainer.heldout_loss().unwrap().unwrap();
+    assert_eq!(before.to_bits(), trainer.heldout_loss().unwrap().unwrap().to_bits(), "measured again, the same LoRA gives the same held-out loss");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..cfg.steps {
+        trainer.train_step().unwrap();
+        seen.extend(trainer.last_batch().iter().map(|&i| trainer.images[i].rel.clone()));
+    }
+    // 12 samples from 8 images: one epoch drew every training image, and nothing else.
+    assert_eq!(seen, train_names);
+    let after = trainer.heldout_loss().unwrap().unwrap();
+    assert_eq!(after.to_bits(), trainer.heldout_loss().unwrap().unwrap().to_bits());
+    assert!((after - before).abs() > 1e-5, "training moved the held-out loss: {before} → {after}");
+    eprintln!("held-out loss {before:.6} → {after:.6} after {} steps", cfg.steps);
+    trainer.network.detach();
+    // Another seed: another initial LoRA (with `up` zero, so no change yet) and another batch
+    // order, but the same held-out noise and timesteps: the same number before training.
+    let mut other = cfg.clone();
+    other.seed = 1234;
+    let mut t2 = Trainer::new(&pipe, other, train, &Progress::hidden()).unwrap();
+    t2.set_heldout(&held, &Progress::hidden()).unwrap();
+    assert_eq!(t2.heldout_loss().unwrap().unwrap().to_bits(), before.to_bits());
+    t2.network.detach();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tiny real run with `early_stop`: it stops at the first checkpoint where the rule says so
+/// (checked against the rule on the run's own numbers), says so in the log, the report and the
+/// chosen file's metadata, and ships the checkpoint with the lowest held-out loss (no suite).
+#[test]
+fn a_run_stops_early_when_the_held_out_loss_stops_improving() {
+    let dir = temp("early-stop");
+    let data = dir.join("data");
+    world_dataset(&data, Some(Concept::Zorb), 8, 64, 6);
+    let cfg = TrainConfig::from_overrides(&Overrides {
+        dataset: Some(data.clone()),
+        output_dir: Some(dir.join("out")),
+        steps: Some(16),
+        batch_size: Some(2),
+        rank: Some(4),
+        learning_rate: Some(EARLY_STOP_LR),
+        lr_schedule: Some("constant".into()),
+        warmup_steps: Some(0),
+        resolution: Some(vec![64]),
+        checkpoint_every: Some(2),
+        validation_split: Some("0.25".into()),
+        early_stop_patience: Some(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut lines = Vec::new();
+    let outcome = loragate::train::run(&cfg, &TrainOptions::cpu(), &mut |l| lines.push(l.to_string())).unwrap();
+    let text = lines.join("\n");
+    eprintln!("{text}");
+    let evals = &outcome.evaluations;
+    let heldout: Vec<f64> = evals.iter().map(|e| e.heldout.unwrap()).collect();
+    let first_stop = (1..=evals.len()).find(|&n| loragate::train::pick::stop_reason(&evals[..n], 1).is_some());
+    assert_eq!(first_stop, Some(evals.len()), "stopped at the first checkpoint the rule stops at: {heldout:?}");
+    let last = evals.last().unwrap().step;
+    assert!(last < cfg.steps, "it stopped before {} steps", cfg.steps);
+    assert_eq!(outcome.steps.len(), last, "no step after the stop");
+    let why = outcome.stopped_early.clone().unwrap();
+    assert!(why.starts_with(&format!("at step {last} of 16: neither the held-out loss nor the suite's scores improved")), "{why}");
+    assert!(text.contains("stopped early"), "{text}");
+    // No suite: the lowest held-out loss is shipped.
+    let (best_i, _) = heldout.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+    assert_eq!(outcome.best, Some(evals[best_i].step));
+    let file = LoraFile::load(&outcome.final_path).unwrap();
+    assert_eq!(file.metadata["loragate.heldout_loss"], format!("{:.6}", heldout[best_i]));
+    assert_eq!(file.metadata["loragate.pick_reason"], outcome.choice.reason);
+    assert_eq!(file.metadata["loragate.stopped_early"], why);
+    assert_eq!(file.metadata["loragate.pick"], "best");
+    let html = std::fs::read_to_string(&outcome.report).unwrap();
+    assert!(html.contains("id=\"stopped-early\"") && html.contains(&format!("chosen: step {}", evals[best_i].step)), "the report marks the stop and the pick");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The learning rate of the early-stopping run: high enough that the held-out loss of this
+/// tiny set soon stops falling.
+const EARLY_STOP_LR: f64 = 3e-2;
+
+/// Training with candle's generic ops (`LORAGATE_GENERIC_OPS=1`, the GPU's path; read once per
+/// process, so through the binary) gives the fused CPU kernels' losses and held-out losses.
+#[test]
+fn training_through_the_generic_ops_matches_the_fused_kernels() {
+    let dir = temp("generic-train");
+    world_dataset(&dir.join("data"), Some(Concept::Zorb), 6, 64, 8);
+    std::fs::write(
+        dir.join("train.yaml"),
+        "dataset: data\nsteps: 4\nbatch_size: 2\nresolution: 64\nrank: 4\nlearning_rate: 1e-2\ncheckpoint_every: 2\nvalidation_split: 0.34\n",
+    )
+    .unwrap();
+    let run = |out: &str, generic: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_loragate"));
+        c.args(["train"]).arg(dir.join("train.yaml")).arg("--out").arg(dir.join(out));
+        if generic {
+            c.env("LORAGATE_GENERIC_OPS", "1");
+        } else {
+            c.env_remove("LORAGATE_GENERIC_OPS");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let csv = std::fs::read_to_string(dir.join(out).join("loss.csv")).unwrap();
+        csv.lines().skip(1).map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1].parse::<f64>().unwrap(), f[5].parse::<f64>().ok())
+        }).collect::<Vec<_>>()
+    };
+    let fused = run("fused", false);
+    let generic = run("generic", true);
+    assert_eq!(fused.len(), 4);
+    assert_eq!(fused.iter().filter(|r| r.1.is_some()).count(), 2, "held-out loss at steps 2 and 4");
+    for (a, b) in fused.iter().zip(&generic) {
+        assert!((a.0 - b.0).abs() <= 1e-4 * a.0.abs().max(1e-3), "loss {} vs {}", a.0, b.0);
+        match (a.1, b.1) {
+            (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-4 * x.abs(), "held-out loss {x} vs {y}"),
+            (None, None) => {}
+            other => panic!("held-out columns differ: {other:?}"),
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

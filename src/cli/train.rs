@@ -86,6 +86,15 @@ pub struct TrainArgs {
     /// The suite LoRA that checkpoints replace (default: the suite's only LoRA).
     #[arg(long = "validate-lora")]
     validation_lora: Option<String>,
+    /// Held-out images, never trained on: a fraction (0.1) or a folder.
+    #[arg(long)]
+    validation_split: Option<String>,
+    /// Which checkpoint becomes <name>.safetensors: best (default) or latest-passing.
+    #[arg(long)]
+    pick: Option<String>,
+    /// Stop once nothing improved for N evaluations.
+    #[arg(long = "early-stop", value_name = "PATIENCE")]
+    early_stop: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -124,6 +133,9 @@ impl TrainArgs {
             validation_suite: self.validation_suite.clone(),
             validation_every: self.validation_every,
             validation_lora: self.validation_lora.clone(),
+            validation_split: self.validation_split.clone(),
+            pick: self.pick.clone(),
+            early_stop_patience: self.early_stop,
         }
     }
 }
@@ -146,5 +158,5 @@ pub fn run(a: TrainArgs) -> Result<ExitCode> {
     let opts = TrainOptions { device, dtype, progress: true };
     let outcome = crate::train::run(&cfg, &opts, &mut |line| println!("{line}"))?;
     // Validation failures are check failures, as in `loragate suite`: no passing checkpoint → 1.
-    Ok(if !outcome.verdicts.is_empty() && outcome.best.is_none() { ExitCode::CheckFailed } else { ExitCode::Success })
+    Ok(if !outcome.verdicts.is_empty() && !outcome.verdicts.iter().any(|v| v.ok()) { ExitCode::CheckFailed } else { ExitCode::Success })
 }

@@ -1,10 +1,13 @@
 //! Reports of a suite run, all read from one [`SuiteOutcome`]: the console table, JUnit XML,
-//! a Markdown summary (`$GITHUB_STEP_SUMMARY`) and a self-contained HTML review page.
+//! a Markdown summary (`$GITHUB_STEP_SUMMARY`) and a self-contained HTML review page; and the
+//! training report ([`training`], its charts by [`charts`]).
 
+pub mod charts;
 pub mod console;
 pub mod html;
 pub mod junit;
 pub mod markdown;
+pub mod training;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -22,6 +22,9 @@
 //! checkpoint_every: 100
 //! validation_suite: ../suites/portrait.yaml
 //! validation_every: 200
+//! validation_split: 0.1      # held-out images (or a folder of its own), never trained on
+//! pick: best                 # or latest-passing
+//! early_stop: { patience: 2 }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -40,6 +43,23 @@ use crate::error::{Error, Result};
 pub enum OneOrMany {
     One(usize),
     Many(Vec<usize>),
+}
+
+/// `validation_split:` as written: a fraction of the dataset or a folder.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum SplitRaw {
+    Fraction(f64),
+    Folder(String),
+}
+
+/// `early_stop:` as written.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopRaw {
+    /// Evaluations without improvement before training stops.
+    #[schemars(with = "usize")]
+    pub patience: Spanned<usize>,
 }
 
 impl OneOrMany {
@@ -211,6 +231,21 @@ pub struct RawTrainConfig {
     #[schemars(with = "Option<String>")]
     #[serde(default)]
     pub validation_lora: Option<Spanned<String>>,
+    /// Held-out images, never trained on, whose loss is measured at every checkpoint: a
+    /// fraction of the dataset (`0.1`, drawn by the seed) or a folder of its own (relative to
+    /// this file).
+    #[schemars(with = "Option<SplitRaw>")]
+    #[serde(default)]
+    pub validation_split: Option<Spanned<SplitRaw>>,
+    /// Which checkpoint becomes `<name>.safetensors`: `best` (default) or `latest-passing`.
+    #[schemars(with = "Option<String>")]
+    #[serde(default)]
+    pub pick: Option<Spanned<String>>,
+    /// `{ patience: N }`: stop once neither the held-out loss nor the suite's scores improved
+    /// for N evaluations.
+    #[schemars(with = "Option<EarlyStopRaw>")]
+    #[serde(default)]
+    pub early_stop: Option<Spanned<EarlyStopRaw>>,
 }
 
 /// Values given on the command line; each replaces the file's.
@@ -243,6 +278,10 @@ pub struct Overrides {
     pub validation_suite: Option<PathBuf>,
     pub validation_every: Option<usize>,
     pub validation_lora: Option<String>,
+    /// A fraction (`0.1`) or a folder.
+    pub validation_split: Option<String>,
+    pub pick: Option<String>,
+    pub early_stop_patience: Option<usize>,
 }
 
 /// The LoRA file layout to write.
@@ -261,6 +300,30 @@ pub struct ValidationConfig {
     pub suite: PathBuf,
     pub every: usize,
     pub lora: Option<String>,
+}
+
+/// The held-out images.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeldOut {
+    /// This fraction of the dataset's images, drawn by the seed.
+    Fraction(f64),
+    /// Every image of this folder; the dataset is trained on whole.
+    Folder(PathBuf),
+}
+
+/// How the shipped checkpoint is chosen (see [`super::pick`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PickRule {
+    Best,
+    LatestPassing,
+}
+
+/// When to stop before `steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EarlyStop {
+    pub patience: usize,
 }
 
 /// A validated training configuration.
@@ -297,6 +360,9 @@ pub struct TrainConfig {
     /// 0: only the final LoRA.
     pub checkpoint_every: usize,
     pub validation: Option<ValidationConfig>,
+    pub validation_split: Option<HeldOut>,
+    pub pick: PickRule,
+    pub early_stop: Option<EarlyStop>,
 }
 
 impl TrainConfig {
@@ -620,6 +686,84 @@ fn resolve(file: Option<&Path>, raw: RawTrainConfig, o: &Overrides) -> Result<Tr
         }
     };
 
+    let split_flag = o.validation_split.clone().map(|v| match v.trim().parse::<f64>() {
+        Ok(f) => SplitRaw::Fraction(f),
+        Err(_) => SplitRaw::Folder(v),
+    });
+    let validation_split = match pick(split_flag, "--validation-split", raw.validation_split) {
+        None => None,
+        Some((SplitRaw::Fraction(f), origin)) => {
+            if !(f > 0.0 && f < 1.0) {
+                return Err(ctx.err(
+                    &origin,
+                    "validation_split",
+                    format!("{f} is not a fraction between 0 and 1 (exclusive)"),
+                    Some("e.g. 0.1 holds out a tenth of the images; or name a folder of held-out images"),
+                ));
+            }
+            Some(HeldOut::Fraction(f))
+        }
+        Some((SplitRaw::Folder(d), origin)) => {
+            let p = Path::new(&d);
+            let p = match origin {
+                Origin::File(..) if !p.is_absolute() => ctx.dir().join(p),
+                _ => p.to_path_buf(),
+            };
+            if !p.is_dir() {
+                return Err(ctx.err(
+                    &origin,
+                    "validation_split",
+                    format!("folder {} does not exist", p.display()),
+                    Some("give a folder of held-out images with captions, or a fraction such as 0.1"),
+                ));
+            }
+            // A folder inside the dataset would be scanned, and trained on, with it.
+            if let (Ok(a), Ok(b)) = (p.canonicalize(), dataset.canonicalize())
+                && a.starts_with(&b)
+            {
+                return Err(ctx.err(
+                    &origin,
+                    "validation_split",
+                    format!("folder {} is inside the dataset {}, so it would be trained on", p.display(), dataset.display()),
+                    Some("move the held-out images out of the dataset folder, or give a fraction"),
+                ));
+            }
+            Some(HeldOut::Folder(p))
+        }
+    };
+
+    let (pick_name, origin) = or_default(pick(o.pick.clone(), "--pick", raw.pick), "best".into());
+    let pick_rule = match pick_name.as_str() {
+        "best" => PickRule::Best,
+        "latest-passing" => PickRule::LatestPassing,
+        other => return Err(ctx.err(&origin, "pick", format!("unknown rule `{other}`"), Some("use best or latest-passing"))),
+    };
+
+    let early_raw = raw.early_stop.map(|s| {
+        let origin = Origin::File(s.value.patience.referenced.line() as usize, s.value.patience.referenced.column() as usize);
+        (s.value.patience.value, origin)
+    });
+    let early_stop = match o.early_stop_patience.map(|p| (p, Origin::Flag("--early-stop"))).or(early_raw) {
+        None => None,
+        Some((patience, origin)) => {
+            if patience == 0 {
+                return Err(ctx.err(&origin, "early_stop.patience", "must be at least 1".into(), Some("the number of evaluations without improvement before stopping")));
+            }
+            if validation.is_none() && validation_split.is_none() {
+                return Err(ctx.err(
+                    &origin,
+                    "early_stop",
+                    "has nothing to watch: neither validation_suite nor validation_split is set".into(),
+                    Some("set validation_split (e.g. 0.1) and/or validation_suite"),
+                ));
+            }
+            if checkpoint_every == 0 {
+                return Err(ctx.err(&origin, "early_stop", "needs checkpoints to evaluate".into(), Some("set checkpoint_every or validation_every")));
+            }
+            Some(EarlyStop { patience })
+        }
+    };
+
     Ok(TrainConfig {
         name,
         dataset,
@@ -649,6 +793,9 @@ fn resolve(file: Option<&Path>, raw: RawTrainConfig, o: &Overrides) -> Result<Tr
         duplicate_distance: raw.duplicate_distance.unwrap_or(8),
         checkpoint_every,
         validation,
+        validation_split,
+        pick: pick_rule,
+        early_stop,
     })
 }
 

@@ -272,9 +272,52 @@ impl BatchSampler {
     }
 }
 
+/// Splits `n` images into (training, held-out) indices, each sorted: `round(fraction × n)`
+/// images drawn by `seed` are held out. The same `n`, fraction and seed always give the same
+/// split. Refused when either side would be empty.
+pub fn split_heldout(n: usize, fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>)> {
+    let held = (fraction * n as f64).round() as usize;
+    if held == 0 {
+        return Err(Error::invalid(format!(
+            "validation_split {fraction} of {n} image(s) holds out none; raise the fraction (at least {:.3}) or give a folder of held-out images",
+            0.5 / n.max(1) as f64
+        )));
+    }
+    if held >= n {
+        return Err(Error::invalid(format!(
+            "validation_split {fraction} of {n} image(s) leaves no image to train on; lower the fraction or add images"
+        )));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    // Its own stream: the split does not move when other uses of the seed change.
+    Rng::new(seed ^ 0x5350_4c49_5421_0000).shuffle(&mut order);
+    let mut heldout = order[..held].to_vec();
+    let mut train = order[held..].to_vec();
+    heldout.sort_unstable();
+    train.sort_unstable();
+    Ok((train, heldout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_out_split_is_deterministic_disjoint_and_never_empty() {
+        let (train, held) = split_heldout(20, 0.1, 7).unwrap();
+        assert_eq!((train.len(), held.len()), (18, 2));
+        assert!(held.iter().all(|h| !train.contains(h)));
+        let mut all: Vec<usize> = train.iter().chain(&held).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<_>>());
+        assert_eq!(split_heldout(20, 0.1, 7).unwrap(), (train.clone(), held.clone()), "same seed, same split");
+        let other: Vec<Vec<usize>> = (0..8).map(|s| split_heldout(20, 0.1, s).unwrap().1).collect();
+        assert!(other.iter().any(|h| *h != held), "the seed moves the split");
+        let e = split_heldout(4, 0.1, 0).unwrap_err().to_string();
+        assert!(e.contains("holds out none") && e.contains("folder"), "{e}");
+        let e = split_heldout(2, 0.9, 0).unwrap_err().to_string();
+        assert!(e.contains("leaves no image to train on"), "{e}");
+    }
 
     #[test]
     fn repeat_folders_parse_as_kohya_does() {

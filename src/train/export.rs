@@ -170,6 +170,41 @@ pub fn save(path: &Path, cfg: &TrainConfig, network: &Network, metadata: &BTreeM
     write(path, &network.export_modules()?, style, metadata, dtype)
 }
 
+/// Adds the held-out loss of a checkpoint to its metadata: the mean MSE of `samples` held-out
+/// samples at fixed timesteps and noise (see [`super::r#loop::HELDOUT_TIMESTEPS`]).
+pub fn put_heldout(m: &mut BTreeMap<String, String>, loss: f64, samples: usize) {
+    m.insert("loragate.heldout_loss".into(), format!("{loss:.6}"));
+    m.insert("loragate.heldout_samples".into(), samples.to_string());
+    let ts: Vec<String> = super::r#loop::HELDOUT_TIMESTEPS.iter().map(|t| t.to_string()).collect();
+    m.insert("loragate.heldout_timesteps".into(), format!("[{}]", ts.join(", ")));
+}
+
+/// Copies the safetensors file `src` to `dst` (atomically) with `extra` added to its
+/// `__metadata__`. The tensor bytes are copied unchanged: their offsets are relative to the end
+/// of the header, which is rewritten (padded to 8 bytes, as the format asks).
+pub fn copy_with_metadata(src: &Path, dst: &Path, extra: &BTreeMap<String, String>) -> Result<()> {
+    use crate::error::{Error, IoContext};
+    let bytes = std::fs::read(src).at(src)?;
+    let bad = |why: &str| Error::invalid(format!("{}: not a safetensors file ({why})", src.display()));
+    let n = u64::from_le_bytes(bytes.get(..8).ok_or_else(|| bad("shorter than its header size"))?.try_into().map_err(|_| bad("header size"))?) as usize;
+    let header = bytes.get(8..8usize.saturating_add(n)).ok_or_else(|| bad("header past the end"))?;
+    let mut json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let meta = json.entry("__metadata__").or_insert_with(|| serde_json::Value::Object(Default::default()));
+    let Some(meta) = meta.as_object_mut() else { return Err(bad("__metadata__ is not an object")) };
+    for (k, v) in extra {
+        meta.insert(k.clone(), serde_json::Value::String(v.clone()));
+    }
+    let mut head = serde_json::to_vec(&json).map_err(|e| bad(&e.to_string()))?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + head.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(head.len() as u64).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&bytes[8 + n..]);
+    crate::fsutil::write_atomic(dst, &out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,11 @@
 //! cache does not depend on the order of work) and encoded by the VAE; a step picks one copy.
 //! Text encodings are cached by caption string. For SDXL, each sample also carries its
 //! caption's pooled embedding and its size ids (source size, crop corner, bucket size).
+//!
+//! Held-out images ([`Trainer::set_heldout`]) are encoded once too, without augmentation, and
+//! never reach the sampler. Their loss ([`Trainer::heldout_loss`]) uses fixed timesteps and
+//! fixed noise per image, so it is a function of the LoRA alone: it compares checkpoints, and
+//! runs on the same held-out images whatever their seeds.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -29,6 +34,32 @@ use crate::progress::Progress;
 /// Most captions whose encodings are kept (a shuffled caption rarely repeats exactly, so
 /// the cache is bounded rather than grown forever).
 const TEXT_CACHE_LIMIT: usize = 4096;
+
+/// The held-out loss's timesteps, as fractions of the schedule: four, spread evenly from
+/// nearly clean to nearly pure noise (the midpoints of four equal spans).
+pub const HELDOUT_TIMESTEPS: [f64; 4] = [0.125, 0.375, 0.625, 0.875];
+
+/// The held-out noise's seed: a constant, not the run's seed, so runs with different seeds
+/// measure their held-out images against the same noise.
+const HELDOUT_SEED: u64 = 0x4845_4c44_4f55_5421;
+
+/// A sample's source image size and the bucket it was fitted to (SDXL's size ids).
+#[derive(Debug, Clone, Copy)]
+struct SampleSize {
+    source: (usize, usize),
+    bucket: (usize, usize),
+}
+
+/// A held-out sample: its latent, plain caption and fixed noise.
+#[derive(Debug, Clone)]
+struct HeldOutSample {
+    bucket: (usize, usize),
+    /// Its source image's size (width, height).
+    source: (usize, usize),
+    latent: Tensor,
+    noise: Tensor,
+    caption: String,
+}
 
 /// One cached training sample: a latent and the tags its augmentations add.
 #[derive(Debug, Clone)]
@@ -123,6 +154,9 @@ pub struct Trainer<'a> {
     latents: HashMap<(Entry, usize), CachedLatent>,
     /// Per caption: its context and, for SDXL, its pooled embedding.
     text_cache: HashMap<String, (Tensor, Option<Tensor>)>,
+    heldout: Vec<HeldOutSample>,
+    /// The images (indices into `images`) of the last step's batch.
+    last_batch: Vec<usize>,
     /// Steps done.
     pub step: usize,
 }
@@ -162,6 +196,8 @@ impl<'a> Trainer<'a> {
             sampler,
             latents: HashMap::new(),
             text_cache: HashMap::new(),
+            heldout: Vec::new(),
+            last_batch: Vec::new(),
             step: 0,
             cfg,
         };
@@ -260,27 +296,39 @@ impl<'a> Trainer<'a> {
         }
         let noise = Tensor::stack(&noise_parts, 0)?.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
         let (context, pooled) = self.encode_captions(captions)?;
-        let added = match pooled {
-            Some(text_embeds) => {
-                let ids: Vec<f32> = batch
-                    .iter()
-                    .flat_map(|(e, _)| {
-                        let img = &self.images[e.image].image;
-                        sdxl_time_ids((img.width() as usize, img.height() as usize), e.bucket)
-                    })
-                    .collect();
-                let time_ids = Tensor::from_vec(ids, (b, 6), &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
-                Some(AddedConditioning { text_embeds, time_ids })
-            }
-            None => None,
-        };
+        let sizes: Vec<SampleSize> = batch
+            .iter()
+            .map(|(e, _)| {
+                let img = &self.images[e.image].image;
+                SampleSize { source: (img.width() as usize, img.height() as usize), bucket: e.bucket }
+            })
+            .collect();
+        let added = self.added_conditioning(pooled, &sizes)?;
         Ok(StepBatch { latents, noise, timesteps, context, added })
+    }
+
+    /// SDXL's added conditioning of a batch (its captions' pooled embeddings and each sample's
+    /// size ids); `None` for UNets without it, whose captions give no pooled embedding.
+    fn added_conditioning(&self, pooled: Option<Tensor>, sizes: &[SampleSize]) -> Result<Option<AddedConditioning>> {
+        let Some(text_embeds) = pooled else { return Ok(None) };
+        let ids: Vec<f32> = sizes.iter().flat_map(|s| sdxl_time_ids(s.source, s.bucket)).collect();
+        let time_ids = Tensor::from_vec(ids, (sizes.len(), 6), &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+        Ok(Some(AddedConditioning { text_embeds, time_ids }))
     }
 
     /// The loss of one batch: noise and timesteps from `rng`.
     fn batch_loss(&mut self, batch: &[(Entry, usize)], captions: &[String], rng: &mut Rng) -> Result<Tensor> {
         let inputs = self.batch_inputs(batch, captions, rng)?;
         step_loss(&self.pipe.unet, &self.pipe.schedule, &inputs)
+    }
+
+    /// The loss of held-out latents `x0` with their fixed `noise` (on the CPU) at timesteps
+    /// `ts`: the step's own loss ([`step_loss`]), SDXL's conditioning included.
+    fn loss_at(&mut self, x0: &Tensor, noise: &Tensor, ts: &[usize], captions: &[String], sizes: &[SampleSize]) -> Result<Tensor> {
+        let noise = noise.to_device(&self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+        let (context, pooled) = self.encode_captions(captions)?;
+        let added = self.added_conditioning(pooled, sizes)?;
+        step_loss(&self.pipe.unet, &self.pipe.schedule, &StepBatch { latents: x0.clone(), noise, timesteps: ts.to_vec(), context, added })
     }
 
     /// One optimisation step.
@@ -295,6 +343,7 @@ impl<'a> Trainer<'a> {
             captions.push(process_caption(&self.images[e.image].caption, &tags, &self.cfg.caption, &mut self.rng));
             batch.push((e, v));
         }
+        self.last_batch = batch.iter().map(|(e, _)| e.image).collect();
         let mut rng = std::mem::replace(&mut self.rng, Rng::new(0));
         let loss = self.batch_loss(&batch, &captions, &mut rng);
         self.rng = rng;
@@ -337,6 +386,71 @@ impl<'a> Trainer<'a> {
             count += ks.len();
         }
         Ok(total / count.max(1) as f64)
+    }
+
+    /// Encodes the held-out images (each at every training resolution, no augmentation) and
+    /// draws their fixed noise. They are kept apart from the training images: the sampler never
+    /// sees them.
+    pub fn set_heldout(&mut self, images: &[TrainImage], progress: &Progress) -> Result<()> {
+        let mut all = entries(images, &self.cfg.resolutions, self.cfg.bucket_step, self.cfg.max_aspect);
+        all.sort_by_key(|e| (e.bucket, e.image));
+        self.heldout.clear();
+        for chunk in all.chunk_by(|a, b| a.bucket == b.bucket) {
+            for part in chunk.chunks(8) {
+                let imgs: Vec<image::RgbImage> = part.iter().map(|e| fit_to_bucket(&images[e.image].image, e.bucket)).collect();
+                let pixels = images_to_tensor(&imgs, &self.pipe.device)?.to_dtype(self.pipe.dtype)?;
+                let lat = self.pipe.vae.encode(&pixels)?;
+                for (k, e) in part.iter().enumerate() {
+                    let latent = lat.get(k)?;
+                    // Noise per image and bucket, from the held-out stream alone.
+                    let mut rng = Rng::new(mix(HELDOUT_SEED, &[e.image as u64, e.bucket.0 as u64, e.bucket.1 as u64]));
+                    let noise = randn(&mut rng, latent.dims(), &Device::Cpu)?;
+                    let img = &images[e.image];
+                    let source = (img.image.width() as usize, img.image.height() as usize);
+                    self.heldout.push(HeldOutSample { bucket: e.bucket, source, latent, noise, caption: img.caption.clone() });
+                }
+                progress.inc(part.len() as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// The images of the last step's batch, as indices into [`Trainer::images`] (the training
+    /// images only: held-out images are not among them).
+    pub fn last_batch(&self) -> &[usize] {
+        &self.last_batch
+    }
+
+    /// Held-out samples (images × resolutions).
+    pub fn heldout_len(&self) -> usize {
+        self.heldout.len()
+    }
+
+    /// The mean loss over the held-out samples at [`HELDOUT_TIMESTEPS`], with their fixed
+    /// noise; `None` without held-out images. No gradients are taken.
+    pub fn heldout_loss(&mut self) -> Result<Option<f64>> {
+        if self.heldout.is_empty() {
+            return Ok(None);
+        }
+        let n_train = self.pipe.schedule.alphas_cumprod.len();
+        let samples = self.heldout.clone();
+        let mut total = 0.0;
+        let mut count = 0usize;
+        for group in samples.chunk_by(|a, b| a.bucket == b.bucket) {
+            for part in group.chunks(8) {
+                let x0 = Tensor::stack(&part.iter().map(|s| s.latent.clone()).collect::<Vec<_>>(), 0)?;
+                let noise = Tensor::stack(&part.iter().map(|s| s.noise.clone()).collect::<Vec<_>>(), 0)?;
+                let captions: Vec<String> = part.iter().map(|s| s.caption.clone()).collect();
+                let sizes: Vec<SampleSize> = part.iter().map(|s| SampleSize { source: s.source, bucket: s.bucket }).collect();
+                for f in HELDOUT_TIMESTEPS {
+                    let t = ((f * n_train as f64) as usize).min(n_train - 1);
+                    let loss = self.loss_at(&x0, &noise, &vec![t; part.len()], &captions, &sizes)?.detach();
+                    total += loss.to_scalar::<f32>()? as f64 * part.len() as f64;
+                    count += part.len();
+                }
+            }
+        }
+        Ok(Some(total / count as f64))
     }
 
     /// The epoch the sampler is in (1-based once training has started).

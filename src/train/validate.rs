@@ -1,7 +1,9 @@
 //! Validation of checkpoints by a suite: each checkpoint replaces one LoRA of the suite, the
 //! suite runs, and its verdict (checks passed and failed) is recorded. At the end a table and
-//! one JUnit file (a test suite per checkpoint) show every verdict, and the best passing
-//! checkpoint is named.
+//! one JUnit file (a test suite per checkpoint) show every verdict; [`super::pick`] chooses the
+//! checkpoint to ship from them. Each verdict also keeps the suite's scores (for ranking and the
+//! training report's charts) and one image of the first case that uses the LoRA (the report's
+//! thumbnails).
 //!
 //! Baseline checks are left out of verdicts: baselines pin the images of one accepted LoRA,
 //! and every checkpoint makes new images by design.
@@ -11,7 +13,10 @@ use std::sync::Arc;
 
 use crate::device::{DType, Device};
 
+use image::RgbImage;
+
 use super::config::ValidationConfig;
+use super::pick::{Evaluation, SuiteScores};
 use crate::error::{Error, Result};
 use crate::fsutil::write_text_atomic;
 use crate::harness::{RunOptions, Status, project_root, run_suite};
@@ -31,11 +36,37 @@ pub struct CheckpointVerdict {
     /// This checkpoint's JUnit file.
     pub junit: PathBuf,
     pub seconds: f64,
+    /// Mean scores by kind of check.
+    pub scores: SuiteScores,
+    /// `(caption, image)`: the first image (first variant, first seed) of the first case that
+    /// uses the LoRA; the same prompt and seed at every checkpoint.
+    pub thumbnail: Option<(String, RgbImage)>,
 }
 
 impl CheckpointVerdict {
     pub fn ok(&self) -> bool {
         self.failed == 0 && self.passed > 0
+    }
+}
+
+/// The mean of each kind of score over the results (skipped checks have no numbers).
+pub fn suite_scores(results: &[crate::harness::CheckResult]) -> SuiteScores {
+    let mean = |check: &dyn Fn(&str) -> bool, key: &str| -> Option<f64> {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| check(&r.check) && r.status != Status::Skipped)
+            .flat_map(|r| r.metrics.iter().filter(|(k, _)| k == key).map(|(_, v)| *v))
+            .filter(|v| v.is_finite())
+            .collect();
+        if v.is_empty() { None } else { Some(v.iter().sum::<f64>() / v.len() as f64) }
+    };
+    SuiteScores {
+        passed: results.iter().filter(|r| r.status == Status::Passed).count(),
+        failed: results.iter().filter(|r| r.status.is_failure()).count(),
+        clip: mean(&|c| c == "clip" || c.starts_with("clip@"), "clip"),
+        identity: mean(&|c| c == "identity", "identity_mean"),
+        diversity: mean(&|c| c == "diversity", "diversity"),
+        effect: mean(&|c| c == "effect", "mean_abs_diff"),
     }
 }
 
@@ -114,6 +145,14 @@ impl Validator {
         let junit = dir.join("junit.xml");
         write_text_atomic(&junit, &crate::report::junit::to_junit(&outcome)?)?;
         write_text_atomic(&dir.join("report.html"), &crate::report::html::to_html(&outcome, &crate::report::EncodedImages::of(&outcome)?)?)?;
+        let mut scores = suite_scores(&outcome.results);
+        // The suite's own counts (they know what a pass is).
+        scores.passed = outcome.passed();
+        scores.failed = outcome.failed();
+        let first_case = suite.cases.iter().find(|c| c.adapters.iter().any(|a| a.lora == self.lora && a.weight != 0.0));
+        let thumbnail = first_case
+            .and_then(|c| outcome.evidence.iter().find(|e| e.case == c.name.as_str()))
+            .map(|e| (format!("{} · {}", e.prompt, e.caption), e.current.clone()));
         let failures = outcome
             .results
             .iter()
@@ -129,6 +168,8 @@ impl Validator {
             failures,
             junit,
             seconds: t0.elapsed().as_secs_f64(),
+            scores,
+            thumbnail,
         })
     }
 
@@ -141,33 +182,41 @@ impl Validator {
     }
 }
 
-/// The checkpoint to ship: the latest one whose every check passed.
-pub fn best(verdicts: &[CheckpointVerdict]) -> Option<&CheckpointVerdict> {
-    verdicts.iter().filter(|v| v.ok()).max_by_key(|v| v.step)
-}
-
-/// The verdicts as a table, one row per checkpoint, the best marked.
-pub fn table(verdicts: &[CheckpointVerdict]) -> String {
-    let best_step = best(verdicts).map(|b| b.step);
+/// The checkpoints as a table, one row per evaluation (held-out loss, verdict, scores), the
+/// chosen one marked.
+pub fn table(evals: &[Evaluation], verdicts: &[CheckpointVerdict], chosen: Option<usize>) -> String {
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
     let mut out = String::new();
-    out.push_str(&format!("{:<10} {:<7} {:>6} {:>6} {:>7}  {}\n", "checkpoint", "verdict", "passed", "failed", "skipped", "first failure / file"));
-    for v in verdicts {
-        let verdict = if v.ok() { "pass" } else { "FAIL" };
-        let mark = if Some(v.step) == best_step { " ← best" } else { "" };
-        let note = match v.failures.first() {
-            Some(f) => {
-                let f: String = f.chars().take(90).collect();
-                if v.failures.len() > 1 { format!("{f} (+{} more)", v.failures.len() - 1) } else { f }
-            }
-            None => v.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+    out.push_str(&format!(
+        "{:<10} {:>8} {:<7} {:>6} {:>6} {:>6} {:>8} {:>9}  {}\n",
+        "checkpoint", "held-out", "verdict", "passed", "failed", "CLIP", "identity", "diversity", "first failure / file"
+    ));
+    for e in evals {
+        let v = verdicts.iter().find(|v| v.step == e.step);
+        let verdict = match v {
+            Some(v) if v.ok() => "pass",
+            Some(_) => "FAIL",
+            None => "-",
         };
+        let mark = if Some(e.step) == chosen { " ← chosen" } else { "" };
+        let note = match v.and_then(|v| v.failures.first().map(|f| (f, v.failures.len()))) {
+            Some((f, n)) => {
+                let f: String = f.chars().take(80).collect();
+                if n > 1 { format!("{f} (+{} more)", n - 1) } else { f }
+            }
+            None => v.and_then(|v| v.file.file_name()).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let s = v.map(|v| &v.scores);
         out.push_str(&format!(
-            "{:<10} {:<7} {:>6} {:>6} {:>7}  {note}{mark}\n",
-            format!("step {}", v.step),
+            "{:<10} {:>8} {:<7} {:>6} {:>6} {:>6} {:>8} {:>9}  {note}{mark}\n",
+            format!("step {}", e.step),
+            num(e.heldout),
             verdict,
-            v.passed,
-            v.failed,
-            v.skipped
+            v.map(|v| v.passed.to_string()).unwrap_or_else(|| "-".into()),
+            v.map(|v| v.failed.to_string()).unwrap_or_else(|| "-".into()),
+            num(s.and_then(|s| s.clip)),
+            num(s.and_then(|s| s.identity)),
+            num(s.and_then(|s| s.diversity)),
         ));
     }
     out
@@ -176,6 +225,7 @@ pub fn table(verdicts: &[CheckpointVerdict]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::harness::CheckResult;
 
     fn v(step: usize, passed: usize, failed: usize) -> CheckpointVerdict {
         CheckpointVerdict {
@@ -187,17 +237,49 @@ mod tests {
             failures: (0..failed).map(|i| format!("case{i}::clip: too low")).collect(),
             junit: PathBuf::new(),
             seconds: 0.0,
+            scores: SuiteScores { passed, failed, clip: Some(0.4), ..Default::default() },
+            thumbnail: None,
         }
     }
 
     #[test]
-    fn the_best_is_the_latest_checkpoint_that_passes_everything() {
-        let vs = vec![v(100, 3, 1), v(200, 4, 0), v(300, 4, 0), v(400, 2, 2)];
-        assert_eq!(best(&vs).unwrap().step, 300);
-        assert!(best(&[v(100, 1, 1)]).is_none());
-        assert!(best(&[v(100, 0, 0)]).is_none(), "nothing checked is not a pass");
-        let t = table(&vs);
-        assert!(t.lines().nth(3).unwrap().contains("← best"), "{t}");
-        assert!(t.contains("FAIL"));
+    fn the_table_shows_held_out_loss_verdicts_and_the_chosen_checkpoint() {
+        let vs = vec![v(100, 3, 1), v(200, 4, 0)];
+        let evals: Vec<Evaluation> = [(100, 0.25), (200, 0.125), (300, 0.5)]
+            .iter()
+            .map(|&(step, l)| Evaluation { step, heldout: Some(l), suite: vs.iter().find(|v| v.step == step).map(|v| v.scores.clone()) })
+            .collect();
+        let t = table(&evals, &vs, Some(200));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].contains("0.2500") && lines[1].contains("FAIL") && lines[1].contains("case0::clip"), "{t}");
+        assert!(lines[2].contains("0.1250") && lines[2].contains("pass") && lines[2].ends_with("← chosen"), "{t}");
+        // Held-out loss only: no suite ran at step 300.
+        assert!(lines[3].contains("0.5000") && !lines[3].contains("pass"), "{t}");
+    }
+
+    #[test]
+    fn suite_scores_average_each_kind_of_check() {
+        let r = |check: &str, status, metrics: Vec<(&str, f64)>| CheckResult {
+            case: "c".into(),
+            check: check.into(),
+            status,
+            message: String::new(),
+            metrics: metrics.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            scorer: String::new(),
+        };
+        let results = vec![
+            r("clip", Status::Passed, vec![("clip", 0.4), ("floor", 0.25)]),
+            r("clip@192x192", Status::Failed, vec![("clip", 0.2), ("floor", 0.25)]),
+            r("identity", Status::Passed, vec![("identity_mean", 0.5), ("identity_min", 0.1)]),
+            r("diversity", Status::Skipped, vec![("diversity", 9.0)]),
+            r("effect", Status::Passed, vec![("mean_abs_diff", 0.05)]),
+            r("leak", Status::Passed, vec![("mean_abs_diff", 0.9)]),
+        ];
+        let s = suite_scores(&results);
+        assert_eq!((s.passed, s.failed), (4, 1));
+        assert!((s.clip.unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(s.identity, Some(0.5));
+        assert_eq!(s.diversity, None, "skipped checks have no score");
+        assert_eq!(s.effect, Some(0.05), "the leak check's change is not the effect");
     }
 }
