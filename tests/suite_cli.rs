@@ -765,10 +765,12 @@ fn the_hundred_prompt_suite_plans_a_hundred_prompts() {
 /// recipe from a dataset with one mislabeled slice (training/zorb-mislabeled.yaml: every zorb on
 /// grass is a blue square under the same captions) clears every CLIP floor, and fails through
 /// `slice` and `identity/accepted`, both naming the slice, within its case and across the suite.
-/// Clean retrains with other seeds pass with review items only. (The clean ones run on the
-/// largest case alone, to keep CI short; `scripts/count-false-alarms.sh` runs them whole.)
+/// A clean retrain with another seed (zorb-seed2, which once failed this suite on one noisy
+/// prompt of a hundred) passes with review items only. (To keep CI short the other clean
+/// retrains are held by the portrait test; `scripts/count-false-alarms.sh` runs all three
+/// through this suite.)
 #[test]
-fn a_retrain_that_lost_the_character_on_one_background_fails_the_hundred_prompts_and_clean_retrains_pass() {
+fn a_retrain_that_lost_the_character_on_one_background_fails_the_hundred_prompts_and_a_clean_retrain_passes() {
     let tmp = std::env::temp_dir().join(format!("loragate-hundred-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let run = |out: &str, lora: &str, extra: &[&str]| {
@@ -803,12 +805,12 @@ fn a_retrain_that_lost_the_character_on_one_background_fails_the_hundred_prompts
     let summary = std::fs::read_to_string(tmp.join("mislabeled/summary.md")).unwrap();
     assert!(summary.contains("### Worst slices") && summary.contains("bg=grass"), "{summary}");
 
-    for seed in ["zorb-seed2", "zorb-seed3", "zorb-seed4"] {
-        let (status, out) = run(seed, seed, &["--case", "attributes"]);
-        assert_eq!(status, 0, "{seed}: {out}");
-        assert!(!out.lines().any(|l| l.starts_with("FAIL")), "{seed}: {out}");
+    let (status, out) = run("zorb-seed2", "zorb-seed2", &[]);
+    assert_eq!(status, 0, "{out}");
+    assert!(!out.lines().any(|l| l.starts_with("FAIL")), "{out}");
+    for case in ["attributes", "reordered", "styled"] {
         for check in ["slice", "identity/accepted", "regression", "misses"] {
-            assert_eq!(status_of(&out, "attributes", check).as_deref(), Some("PASS"), "{seed} {check}: {out}");
+            assert_eq!(status_of(&out, case, check).as_deref(), Some("PASS"), "{case} {check}: {out}");
         }
     }
     let _ = std::fs::remove_dir_all(&tmp);
