@@ -122,17 +122,19 @@ pub fn prepare(cfg: &TrainConfig) -> Result<(TrainConfig, ModelLocation, Dataset
             cfg.bucket_step
         )));
     }
-    let check = check_dataset(
-        &cfg.dataset,
-        &check::CheckOptions {
-            resolutions: cfg.resolutions.clone(),
-            bucket_step: cfg.bucket_step,
-            max_aspect: cfg.max_aspect,
-            duplicate_distance: cfg.duplicate_distance,
-            default_caption: cfg.default_caption.clone(),
-        },
-    )?;
+    let check = check_dataset(&cfg.dataset, &check_options(&cfg))?;
     Ok((cfg, location, check))
+}
+
+/// How a recipe's dataset (and its held-out folder) is checked.
+fn check_options(cfg: &TrainConfig) -> check::CheckOptions {
+    check::CheckOptions {
+        resolutions: cfg.resolutions.clone(),
+        bucket_step: cfg.bucket_step,
+        max_aspect: cfg.max_aspect,
+        duplicate_distance: cfg.duplicate_distance,
+        default_caption: cfg.default_caption.clone(),
+    }
 }
 
 /// The run facts stored in every file: folders, tag counts (of the images trained on), dataset
@@ -175,16 +177,7 @@ pub fn split_images(cfg: &TrainConfig, check: &DatasetCheck) -> Result<(Vec<data
             Ok((train.iter().map(|&i| check.images[i].clone()).collect(), held.iter().map(|&i| check.images[i].clone()).collect()))
         }
         Some(config::HeldOut::Folder(dir)) => {
-            let held = check_dataset(
-                dir,
-                &check::CheckOptions {
-                    resolutions: cfg.resolutions.clone(),
-                    bucket_step: cfg.bucket_step,
-                    max_aspect: cfg.max_aspect,
-                    duplicate_distance: cfg.duplicate_distance,
-                    default_caption: cfg.default_caption.clone(),
-                },
-            )?;
+            let held = check_dataset(dir, &check_options(cfg))?;
             if held.errors() > 0 || held.images.is_empty() {
                 return Err(Error::invalid(format!(
                     "the held-out folder {} (validation_split) has {} usable image(s) and {} error(s):\n{}",
