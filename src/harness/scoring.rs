@@ -155,32 +155,15 @@ pub fn embed_all(
         }
     }
 
-    // References by pixel content, as accepted images are: a re-run reads them but embeds none.
-    let mut ref_map = HashMap::new();
-    let identity_space = match scorers.identity {
-        Some(m) => m.embedding_space()?,
-        None => text_space.clone(),
-    };
-    for r in references {
-        if ref_map.contains_key(r) {
-            continue;
-        }
-        let img = read_image(r)?;
-        let key = format!("reference|{}", crate::baseline::pixel_hash(&img));
-        let e = match cached(cache, &identity_space, &key) {
-            Some(v) => v,
-            None => {
-                let img = [img];
-                let rows = match scorers.identity {
-                    Some(m) => m.image_embedding_rows(&img)?,
-                    None => scorers.text.image_embedding_rows(&img)?,
-                };
-                let e = rows.into_iter().next().expect("one image, one row");
-                cache.put_vector(&identity_space, &key, &e)?;
-                e
-            }
-        };
-        ref_map.insert(r.clone(), e);
+    // References by pixel content, as accepted and training images are: a re-run embeds none.
+    // A reference that no longer decodes (it did when the suite was checked) stops the run.
+    let mut unique: Vec<(PathBuf, PathBuf)> = references.iter().map(|r| (r.clone(), r.clone())).collect();
+    unique.sort();
+    unique.dedup();
+    let mut unreadable = Vec::new();
+    let ref_map = embed_files(scorers, cache, &unique, "reference image", "the identity checks", &mut unreadable)?;
+    if let Some(why) = unreadable.into_iter().next() {
+        return Err(crate::error::Error::invalid(why));
     }
 
     let aesthetic = match scorers.aesthetic {
